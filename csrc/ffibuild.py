@@ -1,0 +1,125 @@
+"""cffi build of forkguard's C core (API mode, out of line) as forkguard._native.
+
+setup.py names this file in ``cffi_modules``.  Environment switches:
+
+FORKGUARD_PORTABLE=1
+    Compile the core's non-Linux code path (restore by re-initialising in
+    place, holds by polling), so it can be tested on Linux.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+CDEF = """
+#define FG_OK ...
+#define FG_EINVAL ...
+#define FG_ENULL ...
+#define FG_EALIGN ...
+#define FG_ENOMEM ...
+#define FG_EEXIST ...
+#define FG_ESTALE ...
+#define FG_ENOTSUP ...
+#define FG_ESHARED ...
+#define FG_ETYPE ...
+#define FG_EBUSY ...
+#define FG_EATFORK ...
+#define FG_KIND_MUTEX ...
+#define FG_KIND_RWLOCK ...
+#define FG_KIND_SEM ...
+#define FG_KIND_HOOKS ...
+#define FG_POLICY_RESET ...
+#define FG_POLICY_HOLD ...
+#define FG_MUTEX_DETECT ...
+#define FG_MUTEX_NORMAL ...
+#define FG_MUTEX_RECURSIVE ...
+#define FG_MUTEX_ERRORCHECK ...
+#define FG_MUTEX_ADAPTIVE ...
+#define FG_FEATURE_MUTEX_TYPE ...
+#define FG_FEATURE_SEM ...
+#define FG_FEATURE_TIMEDLOCK ...
+#define FG_NAME_MAX ...
+#define FG_MAX_ENTRIES ...
+#define FG_SEM_VALUE_MAX ...
+#define FG_ALIGNOF_MUTEX ...
+#define FG_ALIGNOF_RWLOCK ...
+#define FG_ALIGNOF_SEM ...
+
+typedef ... pthread_mutex_t;
+typedef ... pthread_rwlock_t;
+typedef ... sem_t;
+typedef void (*fg_hook_fn)(void *arg);
+
+typedef struct {
+    int kind;
+    int policy;
+    int mutex_type;
+    unsigned int sem_value;
+    double timeout;
+    uint64_t hold_timeouts;
+    uintptr_t address;
+    char name[];
+    ...;
+} fg_info_t;
+
+int fg_init(void);
+int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
+                      double timeout, const char *name, uint64_t *handle);
+int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
+                       const char *name, uint64_t *handle);
+int fg_register_sem(sem_t *sem, unsigned int value, int policy,
+                    double timeout, const char *name, uint64_t *handle);
+int fg_register_hooks(fg_hook_fn prepare, fg_hook_fn parent, fg_hook_fn child,
+                      void *arg, const char *name, uint64_t *handle);
+int fg_unregister(uint64_t handle);
+int fg_is_active(uint64_t handle);
+int fg_info(uint64_t handle, fg_info_t *info);
+size_t fg_count(void);
+int fg_features(void);
+int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
+int fg_prepare_begin(void);
+void fg_parent_end(void);
+const char *fg_strerror(int code);
+
+int sem_getvalue(sem_t *sem, int *value);
+"""
+
+PREAMBLE = """
+#include <limits.h>
+#include "forkguard_core.h"
+#define FG_SEM_VALUE_MAX SEM_VALUE_MAX
+#define FG_ALIGNOF_MUTEX _Alignof(pthread_mutex_t)
+#define FG_ALIGNOF_RWLOCK _Alignof(pthread_rwlock_t)
+#define FG_ALIGNOF_SEM _Alignof(sem_t)
+"""
+
+
+def _flags() -> tuple[list[str], list[tuple[str, str | None]]]:
+    compile_args = ["-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"]
+    macros: list[tuple[str, str | None]] = []
+    if os.environ.get("FORKGUARD_PORTABLE") == "1":
+        macros.append(("FG_PORTABLE", "1"))
+    return compile_args, macros
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+_args, _macros = _flags()
+ffibuilder.set_source(
+    "forkguard._native",
+    PREAMBLE,
+    sources=[os.path.relpath(HERE / "forkguard_core.c")],
+    include_dirs=[os.path.relpath(HERE)],
+    extra_compile_args=_args,
+    define_macros=_macros,
+    libraries=["pthread"] if sys.platform.startswith("linux") else [],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

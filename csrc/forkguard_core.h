@@ -1,0 +1,110 @@
+/*
+ * forkguard core: one process-wide registry of C synchronisation objects and
+ * hooks, restored in the child of every fork() by a single pthread_atfork
+ * registration.
+ *
+ * This header is internal to the forkguard package (the cffi module and the
+ * C API table are built on it).  Extension authors use the public header
+ * <forkguard.h> instead and never compile these sources themselves: a second
+ * copy of the core would be a second registry with its own atfork handlers.
+ */
+#ifndef FORKGUARD_CORE_H
+#define FORKGUARD_CORE_H
+
+#include <pthread.h>
+#include <semaphore.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Error codes: every function returns FG_OK (0) or one of these. */
+#define FG_OK 0
+#define FG_EINVAL (-1)  /* a value out of range: policy, timeout, type... */
+#define FG_ENULL (-2)   /* a NULL object or missing hook functions */
+#define FG_EALIGN (-3)  /* the object's address is misaligned for its type */
+#define FG_ENOMEM (-4)  /* out of memory, or the registry is full */
+#define FG_EEXIST (-5)  /* this object is already registered */
+#define FG_ESTALE (-6)  /* unknown, stale or already unregistered handle */
+#define FG_ENOTSUP (-7) /* this platform cannot restore this object */
+#define FG_ESHARED (-8) /* process-shared object: a reset would break peers */
+#define FG_ETYPE (-9)   /* given mutex type differs from the mutex's own */
+#define FG_EBUSY (-10)  /* called from a fork handler of the forking thread */
+#define FG_EATFORK (-11) /* pthread_atfork() failed */
+
+/* Kinds of registration. */
+#define FG_KIND_MUTEX 1
+#define FG_KIND_RWLOCK 2
+#define FG_KIND_SEM 3
+#define FG_KIND_HOOKS 4
+
+/* Policies. */
+#define FG_POLICY_RESET 0 /* child gets the object back in its initial state */
+#define FG_POLICY_HOLD 1  /* acquired before fork, released on both sides */
+
+/* Mutex types.  FG_MUTEX_DETECT reads the type from the mutex itself, which
+ * works where the C library keeps it in the public struct (glibc, musl). */
+#define FG_MUTEX_DETECT (-1)
+#define FG_MUTEX_NORMAL 0
+#define FG_MUTEX_RECURSIVE 1
+#define FG_MUTEX_ERRORCHECK 2
+#define FG_MUTEX_ADAPTIVE 3 /* glibc's PTHREAD_MUTEX_ADAPTIVE_NP */
+
+/* Longest name kept with a registration (longer names are truncated). */
+#define FG_NAME_MAX 64
+
+/* What this build can do (bits of fg_features()). */
+#define FG_FEATURE_MUTEX_TYPE 1 /* mutex types are read from the mutex */
+#define FG_FEATURE_SEM 2        /* unnamed semaphores can be registered */
+#define FG_FEATURE_TIMEDLOCK 4  /* holds wait with timed lock calls (else polling) */
+
+/* Most registrations the registry holds at once. */
+#define FG_MAX_ENTRIES (1u << 24)
+
+typedef void (*fg_hook_fn)(void *arg);
+
+/* What a registration is, for diagnostics. */
+typedef struct {
+    int kind;
+    int policy;
+    int mutex_type;         /* FG_MUTEX_* for mutexes, -1 otherwise */
+    unsigned int sem_value; /* for semaphores */
+    double timeout;
+    uint64_t hold_timeouts; /* forks at which a hold timed out */
+    uintptr_t address;      /* the object, or the hooks' argument */
+    char name[FG_NAME_MAX];
+} fg_info_t;
+
+/* Install the atfork handlers; idempotent and thread-safe. */
+int fg_init(void);
+
+int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
+                      double timeout, const char *name, uint64_t *handle);
+int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
+                       const char *name, uint64_t *handle);
+int fg_register_sem(sem_t *sem, unsigned int value, int policy,
+                    double timeout, const char *name, uint64_t *handle);
+int fg_register_hooks(fg_hook_fn prepare, fg_hook_fn parent, fg_hook_fn child,
+                      void *arg, const char *name, uint64_t *handle);
+int fg_unregister(uint64_t handle);
+int fg_is_active(uint64_t handle);
+int fg_info(uint64_t handle, fg_info_t *info);
+size_t fg_count(void);
+int fg_features(void);
+
+/* The type of a mutex as the C library records it (FG_ENOTSUP where the
+ * library does not expose it, FG_ESHARED for process-shared mutexes). */
+int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
+
+/* Run the fork preparation (prepare hooks, then holds) now, in the calling
+ * thread, and keep the registry locked until the fork's parent or child
+ * handler.  Called from Python's os.fork() "before" hook, where the GIL is
+ * released, so that a hold never waits with the GIL held.  Returns how many
+ * holds timed out (>= 0), or FG_EBUSY if this thread is already preparing. */
+int fg_prepare_begin(void);
+
+/* Finish a preparation whose fork() never reached the parent handler; a
+ * no-op otherwise.  Called from Python's "after in parent" hook. */
+void fg_parent_end(void);
+
+const char *fg_strerror(int code);
+
+#endif /* FORKGUARD_CORE_H */
