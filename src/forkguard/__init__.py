@@ -1,0 +1,112 @@
+"""forkguard: fork safety for the locks CPython cannot repair.
+
+When a process forks while another thread holds a lock, the child inherits the
+lock held and no thread will ever release it.  CPython repairs its own locks;
+forkguard repairs the rest: ``queue.Queue``'s mutex, your own locks, and locks
+owned by C extensions::
+
+    import forkguard
+    forkguard.register(log_queue)          # reset in every forked child
+
+See the README for policies ("reset" and "hold"), C objects, and limits.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from forkguard import _backend, _registry
+from forkguard._registry import HoldTimeoutWarning, Policy, Registration
+from forkguard._targets import DEFAULT_TIMEOUT
+
+__version__ = "0.1.0"
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HoldTimeoutWarning",
+    "Policy",
+    "Registration",
+    "at_fork",
+    "register",
+    "registrations",
+]
+
+_REGISTRY = _registry.Registry(_backend.load())
+_registry.install(_REGISTRY)
+
+
+def register(
+    obj: object,
+    *,
+    policy: Policy = "reset",
+    name: str | None = None,
+    timeout: float | None = None,
+    kind: Literal["pthread_mutex", "pthread_rwlock", "sem"] | None = None,
+    value: int | None = None,
+    mutex_type: Literal["normal", "recursive", "errorcheck", "adaptive"] | None = None,
+) -> Registration:
+    """Make `obj` usable in every child forked from now on.
+
+    obj
+        A ``threading`` Lock, RLock, Condition, Semaphore, BoundedSemaphore or
+        Event; a ``queue.Queue`` (or subclass); a cffi pointer to a
+        ``pthread_mutex_t``, ``pthread_rwlock_t`` or ``sem_t`` (from any FFI);
+        an integer address of one of those with `kind`; or any object with a
+        ``__forkguard_reset__()`` method.  Python objects are held weakly: the
+        registration ends when the object is collected.  C objects stay
+        registered until ``unregister()``; a cffi pointer is kept alive until then.
+    policy
+        ``"reset"`` (default): the child gets the object unlocked, with no
+        waiters; the data it protects may be half-updated.  ``"hold"``: the
+        object is acquired before the fork and released on both sides, so the
+        child sees consistent data; a fork waits up to `timeout` for it.
+    name
+        For ``repr`` and diagnostics.
+    timeout
+        Seconds a hold may wait (default ``DEFAULT_TIMEOUT``); past it the fork
+        goes ahead, the object is reset in that child, and a
+        ``HoldTimeoutWarning`` is issued.
+    kind
+        What an integer address (or ``void *``) points to.
+    value
+        Semaphores: the count the child gets back (default: the count now).
+    mutex_type
+        C mutexes: ``"normal"``, ``"recursive"``, ``"errorcheck"`` or
+        ``"adaptive"``.  Read from the mutex on Linux (checked if given);
+        required where the platform does not record it (macOS).
+
+    Registering an object that is already registered with the same policy,
+    timeout and value returns the existing registration; with different
+    ones it raises ``ValueError``.  Bad arguments raise ``TypeError`` or
+    ``ValueError`` and leave the registry unchanged.
+    """
+    return _REGISTRY.register(
+        obj,
+        policy=policy,
+        name=name,
+        timeout=timeout,
+        kind=kind,
+        value=value,
+        mutex_type=mutex_type,
+    )
+
+
+def at_fork(
+    before: _registry.Hook | None = None,
+    after_in_parent: _registry.Hook | None = None,
+    after_in_child: _registry.Hook | None = None,
+    *,
+    name: str | None = None,
+) -> Registration:
+    """Like ``os.register_at_fork``, but the hooks can be unregistered.
+
+    ``before`` hooks run newest first, before forkguard takes its holds;
+    ``after_in_*`` hooks run oldest first, after registered objects are
+    restored.  An exception in a hook does not stop the others; it is
+    reported through ``sys.unraisablehook``.  The hooks are held strongly.
+    """
+    return _REGISTRY.at_fork(before, after_in_parent, after_in_child, name=name)
+
+
+def registrations() -> list[Registration]:
+    """A snapshot of the active registrations, oldest first."""
+    return _REGISTRY.registrations()

@@ -1,0 +1,301 @@
+"""The C registry as Python sees it: the cffi module, or nothing where there is no fork.
+
+Every call that can fail turns the C error code into an exception that says
+what was wrong and what is accepted.  Python-level argument checks happen
+before a call reaches here; the C core checks again for its C callers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+# Kinds of C object, as named in the Python API.
+MUTEX: Final = "pthread_mutex"
+RWLOCK: Final = "pthread_rwlock"
+SEM: Final = "sem"
+C_KINDS: Final = (MUTEX, RWLOCK, SEM)
+C_TYPE_NAMES: Final = {MUTEX: "pthread_mutex_t", RWLOCK: "pthread_rwlock_t", SEM: "sem_t"}
+
+MUTEX_TYPES: Final = ("normal", "recursive", "errorcheck", "adaptive")
+
+POLICY_RESET: Final = 0
+POLICY_HOLD: Final = 1
+
+
+@dataclass(frozen=True)
+class CInfo:
+    """What the C registry records about one registration."""
+
+    kind: str
+    policy: int
+    mutex_type: str | None
+    hold_timeouts: int
+    address: int
+    name: str
+
+
+class Backend(Protocol):
+    """The operations the Python registry needs from the C core."""
+
+    can_fork: bool
+    can_read_mutex_type: bool
+    has_semaphores: bool
+
+    def register(
+        self,
+        kind: str,
+        address: int,
+        *,
+        policy: int,
+        timeout: float,
+        name: str,
+        mutex_type: str | None,
+        value: int,
+    ) -> int: ...
+    def unregister(self, handle: int) -> bool: ...
+    def is_active(self, handle: int) -> bool: ...
+    def info(self, handle: int) -> CInfo | None: ...
+    def sem_value(self, address: int) -> int: ...
+    def sem_value_max(self) -> int: ...
+    def prepare_begin(self) -> int: ...
+    def parent_end(self) -> None: ...
+    def count(self) -> int: ...
+
+
+def alignment(kind: str) -> int:
+    """Required alignment of a C object of this kind, in bytes."""
+    from forkguard._native import lib
+
+    return {MUTEX: lib.FG_ALIGNOF_MUTEX, RWLOCK: lib.FG_ALIGNOF_RWLOCK, SEM: lib.FG_ALIGNOF_SEM}[
+        kind
+    ]
+
+
+class NativeBackend:
+    """The real registry: forkguard._native, one per process."""
+
+    def __init__(self) -> None:
+        from forkguard._native import ffi, lib
+
+        self._ffi = ffi
+        self._lib = lib
+        rc = lib.fg_init()
+        if rc != lib.FG_OK:
+            raise OSError(f"forkguard: cannot install its fork handlers: {self._strerror(rc)}")
+        features = lib.fg_features()
+        self.can_fork = True
+        self.can_read_mutex_type = bool(features & lib.FG_FEATURE_MUTEX_TYPE)
+        self.has_semaphores = bool(features & lib.FG_FEATURE_SEM)
+        self._kind_codes = {
+            lib.FG_KIND_MUTEX: MUTEX,
+            lib.FG_KIND_RWLOCK: RWLOCK,
+            lib.FG_KIND_SEM: SEM,
+            lib.FG_KIND_HOOKS: "hooks",
+        }
+        self._type_codes = {
+            "normal": lib.FG_MUTEX_NORMAL,
+            "recursive": lib.FG_MUTEX_RECURSIVE,
+            "errorcheck": lib.FG_MUTEX_ERRORCHECK,
+            "adaptive": lib.FG_MUTEX_ADAPTIVE,
+        }
+        self._type_names = {v: k for k, v in self._type_codes.items()}
+
+    def _strerror(self, rc: int) -> str:
+        return str(self._ffi.string(self._lib.fg_strerror(rc)).decode())
+
+    def register(
+        self,
+        kind: str,
+        address: int,
+        *,
+        policy: int,
+        timeout: float,
+        name: str,
+        mutex_type: str | None,
+        value: int,
+    ) -> int:
+        ffi, lib = self._ffi, self._lib
+        out = ffi.new("uint64_t *")
+        cname = name.encode("utf-8", "replace")[: lib.FG_NAME_MAX - 1]
+        if kind == MUTEX:
+            code = lib.FG_MUTEX_DETECT if mutex_type is None else self._type_codes[mutex_type]
+            ptr = ffi.cast("pthread_mutex_t *", address)
+            rc = lib.fg_register_mutex(ptr, code, policy, timeout, cname, out)
+        elif kind == RWLOCK:
+            ptr = ffi.cast("pthread_rwlock_t *", address)
+            rc = lib.fg_register_rwlock(ptr, policy, timeout, cname, out)
+        else:
+            ptr = ffi.cast("sem_t *", address)
+            rc = lib.fg_register_sem(ptr, value, policy, timeout, cname, out)
+        if rc != lib.FG_OK:
+            raise self._register_error(rc, kind, address, mutex_type)
+        return int(out[0])
+
+    def _register_error(
+        self, rc: int, kind: str, address: int, mutex_type: str | None
+    ) -> Exception:
+        lib = self._lib
+        what = f"{C_TYPE_NAMES[kind]} at {address:#x}"
+        if rc == lib.FG_EEXIST:
+            return ValueError(
+                f"{what} is already registered (by C code through forkguard's C API, or "
+                f"by another registration); unregister that one first"
+            )
+        if rc == lib.FG_ESHARED:
+            return TypeError(
+                f"{what} is process-shared (PTHREAD_PROCESS_SHARED): resetting it in a "
+                f"child would break the other processes using it, so forkguard refuses it"
+            )
+        if rc == lib.FG_ETYPE:
+            return ValueError(
+                f"{what} is a {self.mutex_type(address)} mutex, not {mutex_type!r}; "
+                f"pass its real type or leave mutex_type=None to read it from the mutex"
+            )
+        if rc == lib.FG_ENOTSUP:
+            if kind == MUTEX and self.can_read_mutex_type:
+                return TypeError(
+                    f"{what} is a robust or priority-protect mutex, which forkguard cannot "
+                    f"restore; supported: normal, recursive, errorcheck and adaptive "
+                    f"mutexes (priority-inherit included)"
+                )
+            if kind == MUTEX:
+                return ValueError(
+                    f"{what}: this platform does not record a mutex's type where forkguard "
+                    f"can read it; pass mutex_type= one of 'normal', 'recursive', "
+                    f"'errorcheck'"
+                )
+            return TypeError(f"{what}: {C_TYPE_NAMES[kind]} is not supported on this platform")
+        if rc == lib.FG_ENOMEM:
+            return MemoryError(
+                f"cannot register {what}: out of memory, or the registry is full "
+                f"(at most {lib.FG_MAX_ENTRIES:,} registrations)"
+            )
+        if rc == lib.FG_EBUSY:
+            return RuntimeError(_BUSY)
+        if rc == lib.FG_EALIGN:
+            return ValueError(
+                f"{what} is misaligned: a {C_TYPE_NAMES[kind]} address must be a "
+                f"multiple of {alignment(kind)}"
+            )
+        return ValueError(f"cannot register {what}: {self._strerror(rc)}")
+
+    def unregister(self, handle: int) -> bool:
+        rc = self._lib.fg_unregister(handle)
+        if rc == self._lib.FG_EBUSY:
+            raise RuntimeError(_BUSY)
+        return bool(rc == self._lib.FG_OK)
+
+    def is_active(self, handle: int) -> bool:
+        return bool(self._lib.fg_is_active(handle))
+
+    def info(self, handle: int) -> CInfo | None:
+        ffi, lib = self._ffi, self._lib
+        out = ffi.new("fg_info_t *")
+        if lib.fg_info(handle, out) != lib.FG_OK:
+            return None
+        return CInfo(
+            kind=self._kind_codes[out.kind],
+            policy=int(out.policy),
+            mutex_type=self._type_names.get(out.mutex_type),
+            hold_timeouts=int(out.hold_timeouts),
+            address=int(out.address),
+            name=ffi.string(out.name).decode("utf-8", "replace"),
+        )
+
+    def mutex_type(self, address: int) -> str:
+        """The type of the mutex at `address`, read from the mutex (Linux only)."""
+        ffi, lib = self._ffi, self._lib
+        out = ffi.new("int *")
+        rc = lib.fg_mutex_type(ffi.cast("pthread_mutex_t *", address), out)
+        if rc != lib.FG_OK:
+            raise self._register_error(rc, MUTEX, address, None)
+        return self._type_names[out[0]]
+
+    def sem_value(self, address: int) -> int:
+        ffi, lib = self._ffi, self._lib
+        out = ffi.new("int *")
+        if lib.sem_getvalue(ffi.cast("sem_t *", address), out) != 0:
+            raise OSError(ffi.errno, f"sem_getvalue() failed for sem_t at {address:#x}")
+        return max(0, int(out[0]))  # negative means "waiters" on some systems
+
+    def sem_value_max(self) -> int:
+        return int(self._lib.FG_SEM_VALUE_MAX)
+
+    def prepare_begin(self) -> int:
+        return int(self._lib.fg_prepare_begin())
+
+    def parent_end(self) -> None:
+        self._lib.fg_parent_end()
+
+    def count(self) -> int:
+        return int(self._lib.fg_count())
+
+
+_BUSY = (
+    "cannot register or unregister C objects from inside a fork handler running in the "
+    "forking thread (an os.register_at_fork() hook registered before forkguard was "
+    "imported, or a C hook); do it before or after the fork"
+)
+
+
+class NoForkBackend:
+    """Platforms without fork() (Windows): registrations are kept, nothing ever runs."""
+
+    can_fork = False
+    can_read_mutex_type = False
+    has_semaphores = True
+
+    def __init__(self) -> None:
+        self._next = itertools.count(1)
+        self._live: dict[int, CInfo] = {}
+
+    def register(
+        self,
+        kind: str,
+        address: int,
+        *,
+        policy: int,
+        timeout: float,
+        name: str,
+        mutex_type: str | None,
+        value: int,
+    ) -> int:
+        if any(i.address == address for i in self._live.values()):
+            raise ValueError(f"{C_TYPE_NAMES[kind]} at {address:#x} is already registered")
+        handle = next(self._next)
+        self._live[handle] = CInfo(kind, policy, mutex_type, 0, address, name)
+        return handle
+
+    def unregister(self, handle: int) -> bool:
+        return self._live.pop(handle, None) is not None
+
+    def is_active(self, handle: int) -> bool:
+        return handle in self._live
+
+    def info(self, handle: int) -> CInfo | None:
+        return self._live.get(handle)
+
+    def sem_value(self, address: int) -> int:
+        return 0
+
+    def sem_value_max(self) -> int:
+        return 2**31 - 1
+
+    def prepare_begin(self) -> int:
+        return 0
+
+    def parent_end(self) -> None:
+        pass
+
+    def count(self) -> int:
+        return len(self._live)
+
+
+def load() -> NativeBackend | NoForkBackend:
+    """The backend for this process; import errors on fork platforms are real errors."""
+    if not hasattr(os, "fork"):
+        return NoForkBackend()
+    return NativeBackend()

@@ -1,0 +1,471 @@
+"""The Python registry: registrations, policies, weak lifetimes, and the os.fork() hooks.
+
+Fork timeline for ``os.fork()`` (and everything built on it), per process:
+
+before            user ``at_fork`` before-hooks (newest first); Python holds taken in
+                  registration order; then the C preparation (C prepare hooks, C holds)
+                  with the GIL released, which leaves the C registry locked until fork.
+fork()            C prepare handler (already done above), fork, C parent/child handlers.
+after_in_child    Python objects reset (or released, if held); user after-hooks.
+after_in_parent   Python holds released; warnings and errors reported; user after-hooks.
+
+None of the fork hooks takes ``Registry._lock``: a thread that holds it may be
+waiting for the C registry, which the forking thread holds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, Literal
+
+from forkguard import _backend, _targets
+
+Policy = Literal["reset", "hold"]
+Hook = Callable[[], object]
+
+
+class HoldTimeoutWarning(RuntimeWarning):
+    """A hold-policy object could not be acquired within its timeout before a fork.
+
+    That fork went ahead and the child got the object reset instead, so the data
+    it protects may be inconsistent in that child.
+    """
+
+
+class Registration:
+    """One registered object (or set of at-fork hooks); ``unregister()`` ends it.
+
+    Also a context manager that unregisters on exit.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_active",
+        "_address",
+        "_c_timeouts_seen",
+        "_ended",
+        "_handle",
+        "_hold_timeouts",
+        "_hooks",
+        "_keepalive",
+        "_key",
+        "_label",
+        "_name",
+        "_policy",
+        "_pykind",
+        "_ref",
+        "_registry",
+        "_timeout",
+        "_token",
+        "_value",
+    )
+
+    def __init__(self, registry: Registry, token: int, name: str, label: str) -> None:
+        self._registry = registry
+        self._token = token
+        self._name = name
+        self._label = label
+        self._active = True
+        self._ended: str | None = None
+        self._policy: Policy | None = None
+        self._timeout: float | None = None
+        self._key: tuple[str, int] | None = None
+        self._pykind: _targets.PyKind | None = None
+        self._ref: weakref.ref[Any] | None = None
+        self._value: int | None = None
+        self._handle: int | None = None
+        self._address: int | None = None
+        self._keepalive: object = None
+        self._hooks: tuple[Hook | None, Hook | None, Hook | None] | None = None
+        self._hold_timeouts = 0
+        self._c_timeouts_seen = 0
+
+    @property
+    def name(self) -> str:
+        """The name given at registration, or one made from the target."""
+        return self._name
+
+    @property
+    def policy(self) -> Policy | None:
+        """``"reset"`` or ``"hold"``; None for at-fork hooks."""
+        return self._policy
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a hold waits before falling back to reset; None for at-fork hooks."""
+        return self._timeout
+
+    @property
+    def kind(self) -> str:
+        """What is registered, e.g. ``"queue.Queue"`` or ``"pthread_mutex_t (recursive)"``."""
+        return self._label
+
+    @property
+    def active(self) -> bool:
+        """True until unregistered, or until the (weakly held) object is collected."""
+        return self._active
+
+    @property
+    def target(self) -> object:
+        """The registered object: a Python object (None once collected), the cffi
+        pointer or integer address of a C object, or the tuple of hooks."""
+        if self._hooks is not None:
+            return self._hooks
+        if self._ref is not None:
+            return self._ref()
+        return self._keepalive if self._keepalive is not None else self._address
+
+    @property
+    def hold_timeouts(self) -> int:
+        """How many forks found this object's hold timing out (it was reset instead)."""
+        if self._handle is not None:
+            info = self._registry.backend.info(self._handle)
+            return info.hold_timeouts if info is not None else self._c_timeouts_seen
+        return self._hold_timeouts
+
+    def unregister(self) -> bool:
+        """End this registration: True the first time, False if it had already ended."""
+        return self._registry.unregister(self)
+
+    def __enter__(self) -> Registration:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.unregister()
+
+    def __repr__(self) -> str:
+        if self._hooks is not None:
+            what = "at_fork hooks"
+        elif self._pykind is not None:
+            obj = self._ref() if self._ref is not None else None
+            what = f"{self._label} at {id(obj):#x}" if obj is not None else f"{self._label} (gone)"
+        else:
+            what = f"{self._label} at {self._address:#x}"
+        policy = ""
+        if self._policy == "hold":
+            policy = f", policy='hold' (timeout {self._timeout:g} s)"
+        elif self._policy is not None:
+            policy = ", policy='reset'"
+        state = "active" if self._active else f"ended: {self._ended}"
+        return f"<forkguard.Registration {self._name!r}: {what}{policy}, {state}>"
+
+    def _collected(self, _ref: object) -> None:
+        """Weakref callback: the object is gone, so is its registration."""
+        self._registry._end(self, "collected")
+
+
+class _ForkState:
+    """What the before-hook did for one fork, for the after-hooks to undo."""
+
+    __slots__ = ("c_timeouts", "errors", "held", "timed_out")
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Registration, object]] = []
+        self.timed_out: list[Registration] = []
+        self.errors: list[BaseException] = []
+        self.c_timeouts = 0
+
+
+class Registry:
+    """All registrations of one process (a private instance serves the tests)."""
+
+    def __init__(self, backend: _backend.NativeBackend | _backend.NoForkBackend) -> None:
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._objects: dict[int, Registration] = {}  # in registration order
+        self._hooks: dict[int, Registration] = {}
+        self._by_key: dict[tuple[str, int], Registration] = {}
+        self._tokens = itertools.count(1)
+        self._forks: dict[int, _ForkState] = {}  # by forking thread
+
+    # ---------------------------------------------------------------- registering
+
+    def register(
+        self,
+        obj: object,
+        *,
+        policy: object = "reset",
+        name: object = None,
+        timeout: object = None,
+        kind: object = None,
+        value: object = None,
+        mutex_type: object = None,
+    ) -> Registration:
+        checked_policy: Policy = "hold" if _targets.check_policy(policy) == "hold" else "reset"
+        seconds = _targets.check_timeout(timeout)
+        target = _targets.classify(
+            obj, kind=kind, value=value, mutex_type=mutex_type, backend=self.backend
+        )
+        if isinstance(target, _targets.PyTarget):
+            label = target.kind.label
+            where = id(target.obj)
+            if checked_policy == "hold" and not target.kind.holdable(target.obj):
+                raise ValueError(
+                    f"policy='hold' needs an object that can be acquired, and a {label} "
+                    f"cannot be (objects with __forkguard_reset__ also need "
+                    f"__forkguard_acquire__ and __forkguard_release__); use policy='reset'"
+                )
+        else:
+            label = _backend.C_TYPE_NAMES[target.kind]
+            where = target.address
+        reg_name = _targets.check_name(name, lambda: f"{label} at {where:#x}")
+
+        with self._lock:
+            existing = self._by_key.get(target.key)
+            if existing is not None and existing._active:
+                return self._same_registration(existing, target, checked_policy, seconds)
+            reg = Registration(self, next(self._tokens), reg_name, label)
+            reg._policy = checked_policy
+            reg._timeout = seconds
+            reg._key = target.key
+            if isinstance(target, _targets.CTarget):
+                reg._handle = self.backend.register(
+                    target.kind,
+                    target.address,
+                    policy=_backend.POLICY_HOLD if checked_policy == "hold" else 0,
+                    timeout=seconds,
+                    name=reg_name,
+                    mutex_type=target.mutex_type,
+                    value=target.value or 0,
+                )
+                reg._address = target.address
+                reg._keepalive = target.keepalive
+                reg._value = target.value
+                info = self.backend.info(reg._handle)
+                if info is not None and info.mutex_type is not None:
+                    reg._label = f"{label} ({info.mutex_type})"
+            else:
+                reg._pykind = target.kind
+                reg._value = target.value
+                reg._ref = weakref.ref(target.obj, reg._collected)
+            self._objects[reg._token] = reg
+            self._by_key[target.key] = reg
+        return reg
+
+    @staticmethod
+    def _same_registration(
+        existing: Registration,
+        target: _targets.PyTarget | _targets.CTarget,
+        policy: Policy,
+        timeout: float,
+    ) -> Registration:
+        """Registering an object again with the same options returns its registration."""
+        if (existing._policy, existing._timeout, existing._value) == (
+            policy,
+            timeout,
+            target.value,
+        ):
+            return existing
+        raise ValueError(
+            f"this object is already registered as {existing!r} with other options "
+            f"(policy, timeout or value); unregister that registration first"
+        )
+
+    def at_fork(
+        self,
+        before: Hook | None = None,
+        after_in_parent: Hook | None = None,
+        after_in_child: Hook | None = None,
+        *,
+        name: object = None,
+    ) -> Registration:
+        hooks = (before, after_in_parent, after_in_child)
+        if all(h is None for h in hooks):
+            raise TypeError(
+                "at_fork() needs at least one of before, after_in_parent, after_in_child"
+            )
+        for arg, hook in zip(("before", "after_in_parent", "after_in_child"), hooks, strict=True):
+            if hook is not None and not callable(hook):
+                raise TypeError(f"{arg} must be callable or None, not {type(hook).__qualname__}")
+
+        def default_name() -> str:
+            return ", ".join(getattr(h, "__qualname__", repr(h)) for h in hooks if h is not None)
+
+        reg_name = _targets.check_name(name, default_name)
+        with self._lock:
+            reg = Registration(self, next(self._tokens), reg_name, "at_fork hooks")
+            reg._hooks = hooks
+            self._hooks[reg._token] = reg
+        return reg
+
+    def unregister(self, reg: Registration) -> bool:
+        with self._lock:
+            if not reg._active:
+                return False
+            if reg._handle is not None:
+                # May raise (called from a fork handler); the registration stays.
+                self.backend.unregister(reg._handle)
+            self._end(reg, "unregistered")
+        return True
+
+    def _end(self, reg: Registration, why: str) -> None:
+        # Lock-free (single dict operations): weakref callbacks call this from
+        # whatever thread drops the last reference, possibly inside register().
+        if not reg._active:
+            return
+        reg._active = False
+        reg._ended = why
+        (self._hooks if reg._hooks is not None else self._objects).pop(reg._token, None)
+        if reg._key is not None and self._by_key.get(reg._key) is reg:
+            self._by_key.pop(reg._key, None)
+        reg._keepalive = None
+
+    def registrations(self) -> list[Registration]:
+        regs = [*self._objects.copy().values(), *self._hooks.copy().values()]
+        return sorted((r for r in regs if r._active), key=lambda r: r._token)
+
+    # ---------------------------------------------------------------- fork hooks
+
+    def before_fork(self) -> None:
+        state = _ForkState()
+        self._forks[threading.get_ident()] = state
+        for reg in reversed(self._hooks.copy().values()):
+            _call_hook(reg, 0, state.errors)
+        taken: set[int] = set()  # locks already tried this fork, by id
+        for reg in self._objects.copy().values():
+            kind = reg._pykind
+            if kind is None or reg._policy != "hold" or reg._ref is None:
+                continue
+            obj = reg._ref()
+            if obj is None:
+                continue
+            lock_id = id(kind.hold_lock(obj))
+            if lock_id in taken:
+                continue  # shared with an earlier registration: held (or tried) once
+            taken.add(lock_id)
+            try:
+                ok = kind.acquire(obj, reg._timeout or 0.0)
+            except BaseException as exc:  # report it in the parent, fork anyway
+                _note(exc, f"while holding {reg!r} before fork")
+                state.errors.append(exc)
+                ok = False
+            if ok:
+                state.held.append((reg, obj))
+            else:
+                reg._hold_timeouts += 1
+                state.timed_out.append(reg)
+        # Last, so C holds are taken after Python ones (Python code calls into
+        # C while holding Python locks, rarely the other way round).
+        state.c_timeouts = max(0, self.backend.prepare_begin())
+
+    def after_fork_in_parent(self) -> None:
+        self.backend.parent_end()
+        state = self._forks.pop(threading.get_ident(), None) or _ForkState()
+        errors = state.errors
+        for reg, obj in reversed(state.held):
+            try:
+                reg._pykind.release(obj)  # type: ignore[union-attr]
+            except BaseException as exc:
+                _note(exc, f"while releasing {reg!r} after fork")
+                errors.append(exc)
+        # Warnings only now: with the holds taken, a warning routed to logging
+        # could have blocked on one of them.
+        for reg in state.timed_out:
+            _warn_timeout(repr(reg), reg._timeout, stacklevel=3)
+        if state.c_timeouts:
+            self._warn_c_timeouts(state.c_timeouts)
+        for reg in self._hooks.copy().values():
+            _call_hook(reg, 1, errors)
+        _raise_all(errors)
+
+    def after_fork_in_child(self) -> None:
+        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
+        state = self._forks.get(threading.get_ident()) or _ForkState()
+        self._forks.clear()
+        errors: list[BaseException] = []
+        released = set()
+        for reg, obj in state.held:
+            released.add(reg._token)
+            try:
+                reg._pykind.release_child(obj, reg._value)  # type: ignore[union-attr]
+            except BaseException as exc:
+                _note(exc, f"while releasing {reg!r} in the child")
+                errors.append(exc)
+        for reg in self._objects.copy().values():
+            kind = reg._pykind
+            if kind is None or reg._token in released or reg._ref is None:
+                continue  # C objects were restored by the C child handler
+            obj = reg._ref()
+            if obj is None:
+                continue
+            try:
+                kind.reset(obj, reg._value)
+            except BaseException as exc:  # keep going: never leave the rest locked
+                _note(exc, f"while resetting {reg!r} in the child")
+                errors.append(exc)
+        for reg in self._hooks.copy().values():
+            _call_hook(reg, 2, errors)
+        _raise_all(errors)
+
+    def _warn_c_timeouts(self, count: int) -> None:
+        named = 0
+        for reg in self._objects.copy().values():
+            if reg._handle is None or reg._policy != "hold":
+                continue
+            info = self.backend.info(reg._handle)
+            if info is not None and info.hold_timeouts > reg._c_timeouts_seen:
+                reg._c_timeouts_seen = info.hold_timeouts
+                named += 1
+                _warn_timeout(repr(reg), reg._timeout, stacklevel=4)
+        if named < count:
+            what = f"{count - named} C object(s) registered through the C API"
+            _warn_timeout(what, None, stacklevel=4)
+
+
+def _call_hook(reg: Registration, phase: int, errors: list[BaseException]) -> None:
+    hook = reg._hooks[phase] if reg._hooks is not None and reg._active else None
+    if hook is None:
+        return
+    try:
+        hook()
+    except BaseException as exc:  # the other hooks still run
+        where = ("before", "after_in_parent", "after_in_child")[phase]
+        _note(exc, f"in the {where} hook of {reg!r}")
+        errors.append(exc)
+
+
+def _note(exc: BaseException, text: str) -> None:
+    add_note = getattr(exc, "add_note", None)  # Python 3.11+
+    if add_note is not None:
+        add_note(f"forkguard: {text}")
+
+
+def _raise_all(errors: list[BaseException]) -> None:
+    """Raise what went wrong; CPython reports it through sys.unraisablehook."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    if sys.version_info >= (3, 11):
+        group = f"forkguard: {len(errors)} fork callbacks failed"
+        raise BaseExceptionGroup(group, errors)  # noqa: F821 (3.11+ builtin)
+    raise RuntimeError(
+        f"forkguard: {len(errors)} fork callbacks failed: " + "; ".join(map(repr, errors))
+    ) from errors[0]
+
+
+def _warn_timeout(what: str, timeout: float | None, *, stacklevel: int) -> None:
+    """Warn about a hold that timed out; `stacklevel` points at the caller of os.fork()."""
+    within = f" within {timeout:g} s" if timeout is not None else ""
+    warnings.warn(
+        f"forkguard could not hold {what}{within} before fork; the child got it reset "
+        f"instead, so the data it protects may be inconsistent there",
+        HoldTimeoutWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def install(registry: Registry) -> None:
+    """Hook `registry` into os.fork() once; a no-op where there is no fork."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(
+            before=registry.before_fork,
+            after_in_parent=registry.after_fork_in_parent,
+            after_in_child=registry.after_fork_in_child,
+        )

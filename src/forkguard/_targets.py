@@ -1,0 +1,502 @@
+"""What can be registered, and how each kind of object is reset, held and released.
+
+A registration's target is either a Python object (held weakly, restored by the
+"after in child" hook) or a C object (passed to the C registry by address and
+restored by the C child handler, for every fork in the process).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from forkguard import _backend
+
+POLICIES: Final = ("reset", "hold")
+DEFAULT_TIMEOUT: Final = 1.0
+
+SUPPORTED = (
+    "threading.Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event; "
+    "queue.Queue and its subclasses; a cffi pointer to pthread_mutex_t, pthread_rwlock_t "
+    "or sem_t; an integer address with kind='pthread_mutex', 'pthread_rwlock' or 'sem'; "
+    "any object with a __forkguard_reset__() method"
+)
+
+
+# --------------------------------------------------------------------------
+# Python locks.  CPython's own locks have _at_fork_reinit() (3.9+), which
+# replaces the lock's internals in place: the object keeps its identity, so a
+# Condition or Queue that refers to it keeps working.
+
+
+def _lock_is_resettable(lock: object) -> bool:
+    return callable(getattr(lock, "_at_fork_reinit", None))
+
+
+def reset_lock(lock: Any) -> None:
+    """Unlock `lock` in a child unless the forking thread itself owns it (an RLock)."""
+    is_owned = getattr(lock, "_is_owned", None)
+    if is_owned is not None and is_owned():
+        return
+    lock._at_fork_reinit()
+
+
+def _release_held_lock(lock: Any) -> None:
+    """Undo our own hold in a child: an RLock keeps any outer ownership of this thread."""
+    if hasattr(lock, "_is_owned"):
+        lock.release()
+    else:
+        lock._at_fork_reinit()
+
+
+def _clear_waiters(cond: Any) -> None:
+    # Waiters belong to threads that do not exist in the child; a notify()
+    # would wake one of them instead of a live thread.
+    cond._waiters.clear()
+
+
+class PyKind:
+    """How one kind of Python object is restored in a child, and held across a fork."""
+
+    label: str = ""
+
+    def check(self, obj: Any) -> None:
+        """Raise TypeError if `obj` lacks the internals this kind relies on."""
+
+    def holdable(self, obj: Any) -> bool:
+        return True
+
+    def reset(self, obj: Any, value: int | None) -> None:
+        raise NotImplementedError
+
+    def hold_lock(self, obj: Any) -> object:
+        """The object a hold acquires (two registrations sharing it hold it once)."""
+        return obj
+
+    def acquire(self, obj: Any, timeout: float) -> bool:
+        return bool(obj.acquire(timeout=timeout))
+
+    def release(self, obj: Any) -> None:
+        obj.release()
+
+    def release_child(self, obj: Any, value: int | None) -> None:
+        raise NotImplementedError
+
+
+class LockKind(PyKind):
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def reset(self, obj: Any, value: int | None) -> None:
+        reset_lock(obj)
+
+    def release_child(self, obj: Any, value: int | None) -> None:
+        _release_held_lock(obj)
+
+
+class ConditionKind(PyKind):
+    label = "threading.Condition"
+
+    def check(self, obj: Any) -> None:
+        if not _lock_is_resettable(obj._lock):
+            raise TypeError(
+                f"cannot register a threading.Condition built on {type(obj._lock).__qualname__}: "
+                f"forkguard can only reset a Condition whose lock is a threading.Lock or RLock"
+            )
+
+    def reset(self, obj: Any, value: int | None) -> None:
+        reset_lock(obj._lock)
+        _clear_waiters(obj)
+
+    def hold_lock(self, obj: Any) -> object:
+        return obj._lock
+
+    def release_child(self, obj: Any, value: int | None) -> None:
+        _release_held_lock(obj._lock)
+        _clear_waiters(obj)
+
+
+class SemaphoreKind(PyKind):
+    """A hold takes one unit; the child gets the value from registration time back."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def reset(self, obj: Any, value: int | None) -> None:
+        reset_lock(obj._cond._lock)
+        _clear_waiters(obj._cond)
+        obj._value = value
+
+    def release_child(self, obj: Any, value: int | None) -> None:
+        self.reset(obj, value)
+
+
+class EventKind(PyKind):
+    label = "threading.Event"
+
+    def holdable(self, obj: Any) -> bool:
+        return False
+
+    def reset(self, obj: Any, value: int | None) -> None:
+        reset_lock(obj._cond._lock)
+        _clear_waiters(obj._cond)
+
+    release_child = reset
+
+
+class QueueKind(PyKind):
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def check(self, obj: Any) -> None:
+        if not _lock_is_resettable(obj.mutex):
+            raise TypeError(
+                f"cannot register {self.label}: its mutex is a {type(obj.mutex).__qualname__}, "
+                f"and forkguard can only reset a threading.Lock or RLock"
+            )
+
+    def _clear(self, obj: Any) -> None:
+        for cond in (obj.not_empty, obj.not_full, obj.all_tasks_done):
+            _clear_waiters(cond)
+
+    def reset(self, obj: Any, value: int | None) -> None:
+        reset_lock(obj.mutex)
+        self._clear(obj)
+
+    def hold_lock(self, obj: Any) -> object:
+        return obj.mutex
+
+    def acquire(self, obj: Any, timeout: float) -> bool:
+        return bool(obj.mutex.acquire(timeout=timeout))
+
+    def release(self, obj: Any) -> None:
+        obj.mutex.release()
+
+    def release_child(self, obj: Any, value: int | None) -> None:
+        _release_held_lock(obj.mutex)
+        self._clear(obj)
+
+
+class ProtocolKind(PyKind):
+    """Objects that restore themselves: ``__forkguard_reset__()``.
+
+    With ``__forkguard_acquire__(timeout) -> bool`` and ``__forkguard_release__()``
+    they can also be held.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def holdable(self, obj: Any) -> bool:
+        return callable(getattr(obj, "__forkguard_acquire__", None)) and callable(
+            getattr(obj, "__forkguard_release__", None)
+        )
+
+    def reset(self, obj: Any, value: int | None) -> None:
+        obj.__forkguard_reset__()
+
+    def acquire(self, obj: Any, timeout: float) -> bool:
+        return bool(obj.__forkguard_acquire__(timeout))
+
+    def release(self, obj: Any) -> None:
+        obj.__forkguard_release__()
+
+    def release_child(self, obj: Any, value: int | None) -> None:
+        obj.__forkguard_release__()
+
+
+_LOCK = LockKind("threading.Lock")
+_RLOCK = LockKind("threading.RLock")
+_CONDITION = ConditionKind()
+_SEMAPHORE = SemaphoreKind("threading.Semaphore")
+_BOUNDED = SemaphoreKind("threading.BoundedSemaphore")
+_EVENT = EventKind()
+
+_LOCK_TYPES: tuple[type, ...] = (type(threading.Lock()),)
+_RLOCK_TYPES: tuple[type, ...] = (type(threading.RLock()), threading._PyRLock)  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------
+# Classification.
+
+
+@dataclass(frozen=True)
+class PyTarget:
+    obj: Any
+    kind: PyKind
+    value: int | None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return ("py", id(self.obj))
+
+
+@dataclass(frozen=True)
+class CTarget:
+    kind: str  # _backend.MUTEX, RWLOCK or SEM
+    address: int
+    keepalive: object  # the cffi pointer, kept alive while registered
+    mutex_type: str | None
+    value: int | None  # semaphores only
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return ("c", self.address)
+
+
+def _type_name(obj: object) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _process_shared_reason(obj: object) -> str | None:
+    """Why `obj` belongs to several processes, if it is one of multiprocessing's."""
+    module = type(obj).__module__ or ""
+    if not module.startswith(("multiprocessing", "_multiprocessing")):
+        return None
+    sync = sys.modules.get("multiprocessing.synchronize")
+    shared: tuple[type, ...] = ()
+    if sync is not None:
+        shared += (sync.SemLock, sync.Condition, sync.Event, sync.Barrier)
+    mp_queues = sys.modules.get("multiprocessing.queues")
+    if mp_queues is not None:
+        shared += (mp_queues.Queue, mp_queues.SimpleQueue)
+    native = sys.modules.get("_multiprocessing")
+    if native is not None and hasattr(native, "SemLock"):
+        shared += (native.SemLock,)
+    managers = sys.modules.get("multiprocessing.managers")
+    if managers is not None and isinstance(obj, managers.BaseProxy):
+        return "it is a proxy for an object that lives in a manager process"
+    if isinstance(obj, shared):
+        return (
+            "it is built on a process-shared semaphore (multiprocessing's SemLock), which "
+            "the parent and its other children use too: resetting it in one child would "
+            "break them all"
+        )
+    return None
+
+
+def _check_value(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"value= must be an int (the {what}'s count), not {_type_name(value)}")
+    if value < 0:
+        raise ValueError(f"value= must be >= 0 (the {what}'s count), not {value}")
+    return value
+
+
+def check_policy(policy: object) -> str:
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(f"policy must be 'reset' or 'hold', not {policy!r}")
+    return policy
+
+
+def check_timeout(timeout: object) -> float:
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {_type_name(timeout)}")
+    t = float(timeout)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
+    return t
+
+
+def check_name(name: object, default: Callable[[], str]) -> str:
+    if name is None:
+        return default()
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str or None, not {_type_name(name)}")
+    return name
+
+
+def classify(
+    obj: object,
+    *,
+    kind: object,
+    value: object,
+    mutex_type: object,
+    backend: _backend.Backend,
+) -> PyTarget | CTarget:
+    """Recognise `obj` or raise TypeError/ValueError saying what is accepted."""
+    if kind is not None and (not isinstance(kind, str) or kind not in _backend.C_KINDS):
+        raise ValueError(
+            f"kind must be None, 'pthread_mutex', 'pthread_rwlock' or 'sem', not {kind!r}"
+        )
+    if mutex_type is not None and (
+        not isinstance(mutex_type, str) or mutex_type not in _backend.MUTEX_TYPES
+    ):
+        raise ValueError(
+            f"mutex_type must be None or one of {', '.join(map(repr, _backend.MUTEX_TYPES))}, "
+            f"not {mutex_type!r}"
+        )
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return _classify_address(
+            obj, None, kind=kind, value=value, mutex_type=mutex_type, backend=backend
+        )
+    cffi_kind = _cffi_pointer_kind(obj)
+    if cffi_kind is not None:
+        address, ctype_kind = cffi_kind
+        if ctype_kind is None and kind is None:
+            raise TypeError(
+                f"cannot tell what the cffi pointer {obj!r} points to; declare it as "
+                f"pthread_mutex_t *, pthread_rwlock_t * or sem_t *, or pass kind="
+            )
+        if ctype_kind is not None and kind is not None and kind != ctype_kind:
+            raise ValueError(f"kind={kind!r} contradicts the pointer's type in {obj!r}")
+        return _classify_address(
+            address,
+            obj,
+            kind=ctype_kind or kind,
+            value=value,
+            mutex_type=mutex_type,
+            backend=backend,
+        )
+    return _classify_python(obj, kind, value, mutex_type)
+
+
+def _ffi() -> Any:
+    """An FFI to inspect cdata with: cffi objects from every FFI share one backend."""
+    try:
+        from forkguard._native import ffi
+    except ImportError:  # no compiled core (platforms without fork)
+        import cffi
+
+        return cffi.FFI()
+    return ffi
+
+
+_POINTEE_KINDS: Final = {
+    "pthread_mutex_t": _backend.MUTEX,
+    "pthread_rwlock_t": _backend.RWLOCK,
+    "sem_t": _backend.SEM,
+}
+
+
+def _cffi_pointer_kind(obj: object) -> tuple[int, str | None] | None:
+    """(address, kind or None) for a cffi pointer or array from any FFI; None otherwise."""
+    if "_cffi_backend" not in sys.modules:
+        return None  # no cffi object can exist yet
+    ffi = _ffi()
+    if not isinstance(obj, ffi.CData):
+        return None
+    ctype = ffi.typeof(obj)
+    if ctype.kind not in ("pointer", "array"):
+        raise TypeError(
+            f"a cffi object must be a pointer to the lock, not a {ctype.kind} ({ctype.cname})"
+        )
+    item = ctype.item.cname.removeprefix("const ").removeprefix("volatile ").strip()
+    address = int(ffi.cast("uintptr_t", obj))
+    if item in _POINTEE_KINDS:
+        return address, _POINTEE_KINDS[item]
+    if item in ("void", "char", "unsigned char"):
+        return address, None
+    raise TypeError(
+        f"cffi pointer of type {ctype.cname!r} is not a lock forkguard knows; accepted: "
+        f"pthread_mutex_t *, pthread_rwlock_t *, sem_t * (or void * with kind=)"
+    )
+
+
+def _classify_address(
+    address: int,
+    keepalive: object,
+    *,
+    kind: str | None,
+    value: object,
+    mutex_type: object,
+    backend: _backend.Backend,
+) -> CTarget:
+    if kind is None:
+        raise TypeError(
+            "an integer address needs kind='pthread_mutex', 'pthread_rwlock' or 'sem' "
+            "to say what it points to"
+        )
+    ctype = _backend.C_TYPE_NAMES[kind]
+    if address == 0:
+        raise ValueError(f"NULL {ctype} pointer: forkguard needs the address of a live {ctype}")
+    if address < 0 or address >= 1 << (8 * _pointer_size()):
+        raise ValueError(f"{address:#x} is not a valid address for a {ctype}")
+    if mutex_type is not None and kind != _backend.MUTEX:
+        raise ValueError(f"mutex_type= applies only to pthread_mutex_t, not {ctype}")
+    sem_value: int | None = None
+    if kind == _backend.SEM:
+        if value is None:
+            sem_value = backend.sem_value(address) if backend.has_semaphores else 0
+        else:
+            sem_value = _check_value(value, "semaphore")
+        limit = backend.sem_value_max()
+        if sem_value > limit:
+            raise ValueError(f"value= must be at most SEM_VALUE_MAX ({limit}), not {sem_value}")
+    elif value is not None:
+        raise ValueError(f"value= applies only to semaphores, not {ctype}")
+    return CTarget(kind, address, keepalive, mutex_type, sem_value)  # type: ignore[arg-type]
+
+
+def _pointer_size() -> int:
+    return 8 if sys.maxsize > 2**32 else 4
+
+
+def _classify_python(obj: object, kind: object, value: object, mutex_type: object) -> PyTarget:
+    if kind is not None:
+        raise ValueError(
+            f"kind= names the type of a C object given by address; "
+            f"{_type_name(obj)} is a Python object, so leave kind=None"
+        )
+    if mutex_type is not None:
+        raise ValueError("mutex_type= applies only to pthread_mutex_t objects")
+    if obj is None:
+        raise TypeError(f"cannot register None; supported: {SUPPORTED}")
+    pykind = _python_kind(obj)
+    pykind.check(obj)
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        raise TypeError(
+            f"cannot register {_type_name(obj)}: forkguard holds Python objects through "
+            f"weak references, which it does not support (add '__weakref__' to its "
+            f"__slots__)"
+        ) from None
+    target_value: int | None = None
+    if isinstance(pykind, SemaphoreKind):
+        if value is None:
+            target_value = obj._value  # type: ignore[attr-defined]
+        else:
+            target_value = _check_value(value, "semaphore")
+            bound = getattr(obj, "_initial_value", None)
+            if pykind is _BOUNDED and bound is not None and target_value > bound:
+                raise ValueError(
+                    f"value= must not exceed the BoundedSemaphore's bound ({bound}), "
+                    f"not {target_value}"
+                )
+    elif value is not None:
+        raise ValueError(f"value= applies only to semaphores, not {pykind.label}")
+    return PyTarget(obj, pykind, target_value)
+
+
+def _python_kind(obj: object) -> PyKind:
+    cls = type(obj)
+    if callable(getattr(cls, "__forkguard_reset__", None)):
+        return ProtocolKind(_type_name(obj))
+    reason = _process_shared_reason(obj)
+    if reason is not None:
+        raise TypeError(f"cannot register {_type_name(obj)}: {reason}")
+    if isinstance(obj, _LOCK_TYPES):
+        return _LOCK
+    if isinstance(obj, _RLOCK_TYPES):
+        return _RLOCK
+    if isinstance(obj, threading.Condition):
+        return _CONDITION
+    if isinstance(obj, threading.BoundedSemaphore):
+        return _BOUNDED
+    if isinstance(obj, threading.Semaphore):
+        return _SEMAPHORE
+    if isinstance(obj, threading.Event):
+        return _EVENT
+    if isinstance(obj, queue.Queue):
+        return QueueKind(_type_name(obj))
+    raise TypeError(f"cannot register {_type_name(obj)}; supported: {SUPPORTED}")
