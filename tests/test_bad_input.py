@@ -1,0 +1,263 @@
+"""Every bad input gets a clear exception and leaves the registry unchanged."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import forkguard
+from forkguard import _REGISTRY
+
+from conftest import LINUX
+
+
+@pytest.fixture
+def unchanged() -> Iterator[None]:
+    """The Python and C registries are exactly as they were."""
+    bystander = threading.Lock()
+    keep = forkguard.register(bystander, name="bystander")  # must survive
+    before = (forkguard.registrations(), _REGISTRY.backend.count())
+    yield
+    assert (forkguard.registrations(), _REGISTRY.backend.count()) == before
+    assert keep.active
+    keep.unregister()
+
+
+class Slotted:
+    __slots__ = ("lock",)
+
+    def __forkguard_reset__(self) -> None: ...
+
+
+class NotALock:
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+PY_CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[Exception], str]] = {
+    "None": (lambda: None, {}, TypeError, "cannot register None; supported: threading.Lock"),
+    "float": (lambda: 1.5, {}, TypeError, "cannot register float; supported"),
+    "str": (lambda: "lock", {}, TypeError, "cannot register str"),
+    "object": (object, {}, TypeError, "cannot register object; supported"),
+    "lock-like": (NotALock, {}, TypeError, "cannot register .*NotALock"),
+    "SimpleQueue": (queue.SimpleQueue, {}, TypeError, "cannot register _queue.SimpleQueue"),
+    "int without kind": (lambda: 4096, {}, TypeError, "integer address needs kind="),
+    "bool": (lambda: True, {}, TypeError, "cannot register bool"),
+    "no weakref": (Slotted, {}, TypeError, "weak references.*__weakref__"),
+    "Condition on foreign lock": (
+        lambda: threading.Condition(NotALock()),  # type: ignore[arg-type]
+        {},
+        TypeError,
+        "Condition built on NotALock",
+    ),
+    "policy": (
+        threading.Lock,
+        {"policy": "keep"},
+        ValueError,
+        "policy must be 'reset' or 'hold', not 'keep'",
+    ),
+    "policy None": (threading.Lock, {"policy": None}, ValueError, "policy must be"),
+    "timeout negative": (
+        threading.Lock,
+        {"timeout": -1},
+        ValueError,
+        "finite number of seconds >= 0, not -1",
+    ),
+    "timeout nan": (threading.Lock, {"timeout": float("nan")}, ValueError, "not nan"),
+    "timeout inf": (threading.Lock, {"timeout": float("inf")}, ValueError, "not inf"),
+    "timeout str": (threading.Lock, {"timeout": "1"}, TypeError, "number of seconds or None"),
+    "timeout bool": (threading.Lock, {"timeout": True}, TypeError, "not bool"),
+    "name": (threading.Lock, {"name": 3}, TypeError, "name must be a str or None, not int"),
+    "kind for Python object": (
+        threading.Lock,
+        {"kind": "pthread_mutex"},
+        ValueError,
+        "is a Python object, so leave kind=None",
+    ),
+    "unknown kind": (
+        lambda: 4096,
+        {"kind": "spinlock"},
+        ValueError,
+        "kind must be None, 'pthread_mutex', 'pthread_rwlock' or 'sem'",
+    ),
+    "value for Lock": (
+        threading.Lock,
+        {"value": 1},
+        ValueError,
+        "value= applies only to semaphores, not threading.Lock",
+    ),
+    "value negative": (threading.Semaphore, {"value": -1}, ValueError, "must be >= 0"),
+    "value bool": (threading.Semaphore, {"value": True}, TypeError, "must be an int"),
+    "value over bound": (
+        lambda: threading.BoundedSemaphore(2),
+        {"value": 3},
+        ValueError,
+        "must not exceed the BoundedSemaphore's bound \\(2\\)",
+    ),
+    "mutex_type for Lock": (
+        threading.Lock,
+        {"mutex_type": "normal"},
+        ValueError,
+        "mutex_type= applies only to pthread_mutex_t",
+    ),
+    "unknown mutex_type": (
+        lambda: 4096,
+        {"kind": "pthread_mutex", "mutex_type": "fast"},
+        ValueError,
+        "mutex_type must be None or one of",
+    ),
+    "hold an Event": (
+        threading.Event,
+        {"policy": "hold"},
+        ValueError,
+        "a threading.Event cannot be",
+    ),
+    "hold without acquire": (
+        type("R", (), {"__forkguard_reset__": lambda self: None}),
+        {"policy": "hold"},
+        ValueError,
+        "__forkguard_acquire__",
+    ),
+    "NULL address": (
+        lambda: 0,
+        {"kind": "pthread_mutex"},
+        ValueError,
+        "NULL pthread_mutex_t pointer",
+    ),
+    "negative address": (lambda: -8, {"kind": "sem"}, ValueError, "not a valid address"),
+    "huge address": (lambda: 2**64, {"kind": "pthread_rwlock"}, ValueError, "not a valid address"),
+    "value for rwlock": (
+        lambda: 4096,
+        {"kind": "pthread_rwlock", "value": 1},
+        ValueError,
+        "value= applies only to semaphores, not pthread_rwlock_t",
+    ),
+    "mutex_type for rwlock": (
+        lambda: 4096,
+        {"kind": "pthread_rwlock", "mutex_type": "normal"},
+        ValueError,
+        "mutex_type= applies only to pthread_mutex_t",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PY_CASES))
+def test_bad_input(case: str, unchanged: None) -> None:
+    make, kwargs, exc, message = PY_CASES[case]
+    obj = make()
+    with pytest.raises(exc, match=message):
+        forkguard.register(obj, **kwargs)
+
+
+MP_MAKERS = {
+    "Lock": lambda ctx: ctx.Lock(),
+    "RLock": lambda ctx: ctx.RLock(),
+    "Semaphore": lambda ctx: ctx.Semaphore(),
+    "BoundedSemaphore": lambda ctx: ctx.BoundedSemaphore(),
+    "Condition": lambda ctx: ctx.Condition(),
+    "Event": lambda ctx: ctx.Event(),
+    "Barrier": lambda ctx: ctx.Barrier(2),
+    "Queue": lambda ctx: ctx.Queue(),
+    "SimpleQueue": lambda ctx: ctx.SimpleQueue(),
+}
+
+
+@pytest.mark.parametrize("name", list(MP_MAKERS))
+def test_multiprocessing_objects_are_refused(name: str, unchanged: None) -> None:
+    obj = MP_MAKERS[name](multiprocessing.get_context("fork"))
+    with pytest.raises(TypeError, match=r"process-shared semaphore.*break them all"):
+        forkguard.register(obj)
+
+
+def test_manager_proxy_is_refused(unchanged: None) -> None:
+    with multiprocessing.get_context("fork").Manager() as manager:
+        lock = manager.Lock()
+        with pytest.raises(TypeError, match="proxy for an object that lives in a manager"):
+            forkguard.register(lock)
+
+
+# ------------------------------------------------------------------ C objects
+
+
+def test_null_cffi_pointer(ext: ModuleType, unchanged: None) -> None:
+    with pytest.raises(ValueError, match="NULL pthread_mutex_t pointer"):
+        forkguard.register(ext.ffi.cast("pthread_mutex_t *", 0))
+
+
+def test_misaligned_address(ext: ModuleType, unchanged: None) -> None:
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    address = int(ext.ffi.cast("uintptr_t", m)) + 1
+    with pytest.raises(ValueError, match=r"misaligned.*multiple of 8"):
+        forkguard.register(address, kind="pthread_mutex", mutex_type="normal")
+
+
+def test_cffi_non_pointer(ext: ModuleType, unchanged: None) -> None:
+    with pytest.raises(TypeError, match="must be a pointer to the lock, not a primitive"):
+        forkguard.register(ext.ffi.cast("int", 5))
+
+
+def test_cffi_pointer_to_something_else(ext: ModuleType, unchanged: None) -> None:
+    with pytest.raises(TypeError, match="'int \\*' is not a lock forkguard knows"):
+        forkguard.register(ext.ffi.new("int *"))
+
+
+def test_untyped_cffi_pointer_needs_kind(ext: ModuleType, unchanged: None) -> None:
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    with pytest.raises(TypeError, match="cannot tell what the cffi pointer"):
+        forkguard.register(ext.ffi.cast("void *", m))
+
+
+def test_kind_contradicting_the_pointer(ext: ModuleType, unchanged: None) -> None:
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    with pytest.raises(ValueError, match="kind='sem' contradicts"):
+        forkguard.register(m, kind="sem")
+
+
+@pytest.mark.skipif(not LINUX, reason="mutex flags are read on Linux")
+def test_process_shared_mutex(ext: ModuleType, unchanged: None) -> None:
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 1, 0)
+    with pytest.raises(TypeError, match=r"process-shared.*break the other processes"):
+        forkguard.register(m)
+
+
+@pytest.mark.skipif(not LINUX, reason="mutex flags are read on Linux")
+def test_robust_mutex(ext: ModuleType, unchanged: None) -> None:
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 1)
+    with pytest.raises(TypeError, match="robust or priority-protect"):
+        forkguard.register(m)
+
+
+@pytest.mark.skipif(not LINUX, reason="rwlock flags are read on Linux")
+def test_process_shared_rwlock(ext: ModuleType, unchanged: None) -> None:
+    with pytest.raises(TypeError, match=r"pthread_rwlock_t at .* is process-shared"):
+        forkguard.register(ext.lib.rwlock_new(1))
+
+
+@pytest.mark.skipif(not _REGISTRY.backend.has_semaphores, reason="no unnamed semaphores")
+def test_semaphore_value_over_sem_value_max(ext: ModuleType, unchanged: None) -> None:
+    with pytest.raises(ValueError, match="at most SEM_VALUE_MAX"):
+        forkguard.register(ext.lib.sem_new(0), value=2**40)
+
+
+def test_unregistering_from_a_late_fork_hook_is_refused(ext: ModuleType) -> None:
+    """Inside the fork window the forking thread owns the C registry: a C call from an
+    os.register_at_fork hook that runs after forkguard's gets RuntimeError, not a deadlock."""
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    reg = forkguard.register(m, mutex_type="normal")
+    _REGISTRY.before_fork()  # what os.fork() does first; the C registry is now ours
+    try:
+        with pytest.raises(RuntimeError, match="from inside a fork handler"):
+            reg.unregister()
+        with pytest.raises(RuntimeError, match="from inside a fork handler"):
+            forkguard.register(ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0))
+        assert reg.active
+    finally:
+        _REGISTRY.after_fork_in_parent()
+    assert reg.unregister()

@@ -1,0 +1,30 @@
+"""``python -m forkguard demo`` (a shortened run; .ci/run runs the full one)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+from forkguard import _demo
+
+
+def test_demo_reports_both_runs_and_exits_0() -> None:
+    out = io.StringIO()
+    assert _demo.run(out, protected_pools=20, timed_pools=2) == 0
+    text = out.getvalue()
+    assert "without forkguard: " in text
+    assert "with forkguard.register(queue): 20 pools clean" in text
+    for method in ("fork + forkguard", "forkserver", "spawn"):
+        assert method in text
+
+
+def test_cli_help_names_the_demo() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "forkguard", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "demo" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "forkguard", "nope"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
