@@ -83,11 +83,10 @@ int fg_info(uint64_t handle, fg_info_t *info);
 size_t fg_count(void);
 int fg_features(void);
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
+int fg_sem_value(sem_t *sem, unsigned int *value);
 int fg_prepare_begin(void);
 void fg_parent_end(void);
 const char *fg_strerror(int code);
-
-int sem_getvalue(sem_t *sem, int *value);
 """
 
 PREAMBLE = """

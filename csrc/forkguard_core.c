@@ -750,6 +750,21 @@ int fg_register_sem(sem_t *sem, unsigned int value, int policy,
 #endif
 }
 
+int fg_sem_value(sem_t *sem, unsigned int *value)
+{
+    if (sem == NULL || value == NULL)
+        return FG_ENULL;
+#if FG_RESET_BY_COPY
+    int v;
+    if (sem_getvalue(sem, &v) != 0)
+        return FG_EINVAL;
+    *value = v > 0 ? (unsigned int)v : 0; /* < 0 means "waiters" on some systems */
+    return FG_OK;
+#else
+    return FG_ENOTSUP;
+#endif
+}
+
 int fg_register_hooks(fg_hook_fn prepare, fg_hook_fn parent, fg_hook_fn child,
                       void *arg, const char *name, uint64_t *handle)
 {

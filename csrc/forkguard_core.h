@@ -90,6 +90,9 @@ int fg_info(uint64_t handle, fg_info_t *info);
 size_t fg_count(void);
 int fg_features(void);
 
+/* The current count of an unnamed semaphore (FG_ENOTSUP where there are none). */
+int fg_sem_value(sem_t *sem, unsigned int *value);
+
 /* The type of a mutex as the C library records it (FG_ENOTSUP where the
  * library does not expose it, FG_ESHARED for process-shared mutexes). */
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);

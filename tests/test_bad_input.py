@@ -256,7 +256,8 @@ def test_unregistering_from_a_late_fork_hook_is_refused(ext: ModuleType) -> None
         with pytest.raises(RuntimeError, match="from inside a fork handler"):
             reg.unregister()
         with pytest.raises(RuntimeError, match="from inside a fork handler"):
-            forkguard.register(ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0))
+            other = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+            forkguard.register(other, mutex_type="normal")
         assert reg.active
     finally:
         _REGISTRY.after_fork_in_parent()

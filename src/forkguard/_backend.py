@@ -216,10 +216,11 @@ class NativeBackend:
 
     def sem_value(self, address: int) -> int:
         ffi, lib = self._ffi, self._lib
-        out = ffi.new("int *")
-        if lib.sem_getvalue(ffi.cast("sem_t *", address), out) != 0:
-            raise OSError(ffi.errno, f"sem_getvalue() failed for sem_t at {address:#x}")
-        return max(0, int(out[0]))  # negative means "waiters" on some systems
+        out = ffi.new("unsigned int *")
+        rc = lib.fg_sem_value(ffi.cast("sem_t *", address), out)
+        if rc != lib.FG_OK:
+            raise ValueError(f"cannot read the count of sem_t at {address:#x}: {self._strerror(rc)}")
+        return int(out[0])
 
     def sem_value_max(self) -> int:
         return int(self._lib.FG_SEM_VALUE_MAX)
