@@ -255,8 +255,8 @@ def test_unregistering_from_a_late_fork_hook_is_refused(ext: ModuleType) -> None
     try:
         with pytest.raises(RuntimeError, match="from inside a fork handler"):
             reg.unregister()
+        other = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
         with pytest.raises(RuntimeError, match="from inside a fork handler"):
-            other = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
             forkguard.register(other, mutex_type="normal")
         assert reg.active
     finally:

@@ -219,7 +219,8 @@ class NativeBackend:
         out = ffi.new("unsigned int *")
         rc = lib.fg_sem_value(ffi.cast("sem_t *", address), out)
         if rc != lib.FG_OK:
-            raise ValueError(f"cannot read the count of sem_t at {address:#x}: {self._strerror(rc)}")
+            reason = self._strerror(rc)
+            raise ValueError(f"cannot read the count of sem_t at {address:#x}: {reason}")
         return int(out[0])
 
     def sem_value_max(self) -> int:
