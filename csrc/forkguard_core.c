@@ -66,7 +66,7 @@ typedef struct {
         sem_t sem;
 #endif
         struct {
-            fg_hook_fn prepare, parent, child;
+            forkguard_hook prepare, parent, child;
         } hooks;
     } u;
     char name[FG_NAME_MAX];
@@ -101,7 +101,7 @@ static struct {
 static _Thread_local unsigned int tls_state;
 
 #if !FG_RESET_BY_COPY
-static pthread_mutexattr_t mutex_attrs[FG_MUTEX_ERRORCHECK + 1];
+static pthread_mutexattr_t mutex_attrs[FORKGUARD_MUTEX_ERRORCHECK + 1];
 #endif
 
 /* ------------------------------------------------------------------ */
@@ -148,17 +148,17 @@ static int index_reserve(void)
 {
     uint32_t size = reg.index ? reg.index_mask + 1 : 0;
     if ((uint64_t)(reg.nobj + 1) * 2 <= size)
-        return FG_OK;
+        return FORKGUARD_OK;
     uint32_t nsize = size ? size * 2 : 64;
     uint32_t *n = calloc(nsize, sizeof *n);
     if (n == NULL)
-        return FG_ENOMEM;
+        return FORKGUARD_ENOMEM;
     free(reg.index);
     reg.index = n;
     reg.index_mask = nsize - 1;
     for (int32_t i = reg.obj_head; i != NIL; i = reg.slots[i].next)
         index_put(i);
-    return FG_OK;
+    return FORKGUARD_OK;
 }
 
 /* Backward-shift deletion keeps every probe chain unbroken without tombstones. */
@@ -377,7 +377,7 @@ static int prepare_locked(void)
     }
     for (int32_t i = reg.obj_head; i != NIL; i = reg.slots[i].next) {
         fg_entry *e = &reg.slots[i];
-        if (e->policy != FG_POLICY_HOLD)
+        if (e->policy != FORKGUARD_POLICY_HOLD)
             continue;
         int got = hold_take(e);
         e->held = got == 1;
@@ -471,10 +471,10 @@ static void atfork_child(void)
 
 int fg_prepare_begin(void)
 {
-    if (fg_init() != FG_OK)
-        return FG_EATFORK;
+    if (fg_init() != FORKGUARD_OK)
+        return FORKGUARD_EATFORK;
     if (tls_state)
-        return FG_EBUSY;
+        return FORKGUARD_EBUSY;
     pthread_mutex_lock(&reg.lock);
     tls_state = TLS_IN_FORK | TLS_PRETAKEN;
     return prepare_locked();
@@ -490,23 +490,23 @@ void fg_parent_end(void)
 /* Initialisation. */
 
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
-static int init_result = FG_OK;
+static int init_result = FORKGUARD_OK;
 
 static void init_process(void)
 {
 #if !FG_RESET_BY_COPY
     static const int types[] = {PTHREAD_MUTEX_NORMAL, PTHREAD_MUTEX_RECURSIVE,
                                 PTHREAD_MUTEX_ERRORCHECK};
-    for (int t = 0; t <= FG_MUTEX_ERRORCHECK; t++) {
+    for (int t = 0; t <= FORKGUARD_MUTEX_ERRORCHECK; t++) {
         if (pthread_mutexattr_init(&mutex_attrs[t]) != 0 ||
             pthread_mutexattr_settype(&mutex_attrs[t], types[t]) != 0) {
-            init_result = FG_ENOMEM;
+            init_result = FORKGUARD_ENOMEM;
             return;
         }
     }
 #endif
     if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0)
-        init_result = FG_EATFORK;
+        init_result = FORKGUARD_EATFORK;
 }
 
 int fg_init(void)
@@ -522,14 +522,14 @@ static int check_common(const void *obj, size_t align, int policy,
                         double timeout, const uint64_t *handle)
 {
     if (obj == NULL || handle == NULL)
-        return FG_ENULL;
+        return FORKGUARD_ENULL;
     if ((uintptr_t)obj % align != 0)
-        return FG_EALIGN;
-    if (policy != FG_POLICY_RESET && policy != FG_POLICY_HOLD)
-        return FG_EINVAL;
+        return FORKGUARD_EALIGN;
+    if (policy != FORKGUARD_POLICY_RESET && policy != FORKGUARD_POLICY_HOLD)
+        return FORKGUARD_EINVAL;
     /* Also false for NaN; +inf fails the upper bound. */
     if (!(timeout >= 0.0 && timeout <= 1e300))
-        return FG_EINVAL;
+        return FORKGUARD_EINVAL;
     return fg_init();
 }
 
@@ -554,19 +554,19 @@ static void entry_init(fg_entry *e, int kind, void *obj, int policy,
 static int insert(const fg_entry *proto, uint64_t *handle)
 {
     int is_obj = proto->kind != FG_KIND_HOOKS;
-    int rc = FG_OK;
+    int rc = FORKGUARD_OK;
     if (tls_state)
-        return FG_EBUSY;
+        return FORKGUARD_EBUSY;
     pthread_mutex_lock(&reg.lock);
     uint32_t pos;
     if (is_obj && index_find(proto->obj, &pos) != NIL) {
-        rc = FG_EEXIST;
-    } else if (is_obj && index_reserve() != FG_OK) {
-        rc = FG_ENOMEM;
+        rc = FORKGUARD_EEXIST;
+    } else if (is_obj && index_reserve() != FORKGUARD_OK) {
+        rc = FORKGUARD_ENOMEM;
     } else {
         int32_t i = slot_alloc();
         if (i == NIL) {
-            rc = FG_ENOMEM;
+            rc = FORKGUARD_ENOMEM;
         } else {
             uint32_t generation = reg.slots[i].generation;
             reg.slots[i] = *proto;
@@ -606,12 +606,12 @@ static int read_mutex(const pthread_mutex_t *m, int *type, int *pi)
      * ones keep their ceiling in the lock word: a template copy would break
      * both.  (Checked first: glibc also marks every robust mutex shared.) */
     if (word & (ROBUST | PP))
-        return FG_ENOTSUP;
+        return FORKGUARD_ENOTSUP;
     if (word & PSHARED)
-        return FG_ESHARED;
+        return FORKGUARD_ESHARED;
     *type = word & 3;
     *pi = (word & PI) != 0;
-    return FG_OK;
+    return FORKGUARD_OK;
 }
 #else
 #define FG_CAN_READ_MUTEX_TYPE 0
@@ -620,12 +620,12 @@ static int read_mutex(const pthread_mutex_t *m, int *type, int *pi)
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type)
 {
     if (mutex == NULL || mutex_type == NULL)
-        return FG_ENULL;
+        return FORKGUARD_ENULL;
 #if FG_CAN_READ_MUTEX_TYPE
     int pi;
     return read_mutex(mutex, mutex_type, &pi);
 #else
-    return FG_ENOTSUP;
+    return FORKGUARD_ENOTSUP;
 #endif
 }
 
@@ -634,13 +634,13 @@ static int mutex_template(pthread_mutex_t *tpl, int type, int pi)
 {
     int posix_type;
     switch (type) {
-    case FG_MUTEX_NORMAL:
+    case FORKGUARD_MUTEX_NORMAL:
         posix_type = PTHREAD_MUTEX_NORMAL;
         break;
-    case FG_MUTEX_RECURSIVE:
+    case FORKGUARD_MUTEX_RECURSIVE:
         posix_type = PTHREAD_MUTEX_RECURSIVE;
         break;
-    case FG_MUTEX_ERRORCHECK:
+    case FORKGUARD_MUTEX_ERRORCHECK:
         posix_type = PTHREAD_MUTEX_ERRORCHECK;
         break;
     default:
@@ -648,17 +648,17 @@ static int mutex_template(pthread_mutex_t *tpl, int type, int pi)
         posix_type = PTHREAD_MUTEX_ADAPTIVE_NP;
         break;
 #else
-        return FG_ENOTSUP;
+        return FORKGUARD_ENOTSUP;
 #endif
     }
     pthread_mutexattr_t attr;
     if (pthread_mutexattr_init(&attr) != 0)
-        return FG_ENOMEM;
-    int rc = FG_OK;
+        return FORKGUARD_ENOMEM;
+    int rc = FORKGUARD_OK;
     if (pthread_mutexattr_settype(&attr, posix_type) != 0 ||
         (pi && pthread_mutexattr_setprotocol(&attr, PTHREAD_PRIO_INHERIT) != 0) ||
         pthread_mutex_init(tpl, &attr) != 0)
-        rc = FG_ENOTSUP;
+        rc = FORKGUARD_ENOTSUP;
     pthread_mutexattr_destroy(&attr);
     return rc;
 }
@@ -669,28 +669,28 @@ int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
 {
     int rc = check_common(mutex, _Alignof(pthread_mutex_t), policy, timeout,
                           handle);
-    if (rc != FG_OK)
+    if (rc != FORKGUARD_OK)
         return rc;
-    if (mutex_type < FG_MUTEX_DETECT || mutex_type > FG_MUTEX_ADAPTIVE)
-        return FG_EINVAL;
+    if (mutex_type < FORKGUARD_MUTEX_DETECT || mutex_type > FORKGUARD_MUTEX_ADAPTIVE)
+        return FORKGUARD_EINVAL;
     int pi = 0;
 #if FG_CAN_READ_MUTEX_TYPE
     int actual;
-    if ((rc = read_mutex(mutex, &actual, &pi)) != FG_OK)
+    if ((rc = read_mutex(mutex, &actual, &pi)) != FORKGUARD_OK)
         return rc;
-    if (mutex_type != FG_MUTEX_DETECT && mutex_type != actual)
-        return FG_ETYPE;
+    if (mutex_type != FORKGUARD_MUTEX_DETECT && mutex_type != actual)
+        return FORKGUARD_ETYPE;
     mutex_type = actual;
 #else
-    if (mutex_type == FG_MUTEX_DETECT || mutex_type == FG_MUTEX_ADAPTIVE)
-        return FG_ENOTSUP;
+    if (mutex_type == FORKGUARD_MUTEX_DETECT || mutex_type == FORKGUARD_MUTEX_ADAPTIVE)
+        return FORKGUARD_ENOTSUP;
 #endif
     fg_entry e;
     entry_init(&e, FG_KIND_MUTEX, mutex, policy, timeout, name);
     e.mutex_type = (int8_t)mutex_type;
     e.mutex_pi = (uint8_t)pi;
 #if FG_RESET_BY_COPY
-    if ((rc = mutex_template(&e.u.mutex, mutex_type, pi)) != FG_OK)
+    if ((rc = mutex_template(&e.u.mutex, mutex_type, pi)) != FORKGUARD_OK)
         return rc;
 #endif
     return insert(&e, handle);
@@ -701,28 +701,28 @@ int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
 {
     int rc = check_common(rwlock, _Alignof(pthread_rwlock_t), policy, timeout,
                           handle);
-    if (rc != FG_OK)
+    if (rc != FORKGUARD_OK)
         return rc;
     fg_entry e;
     entry_init(&e, FG_KIND_RWLOCK, rwlock, policy, timeout, name);
 #if FG_RESET_BY_COPY
     pthread_rwlockattr_t attr;
     if (pthread_rwlockattr_init(&attr) != 0)
-        return FG_ENOMEM;
+        return FORKGUARD_ENOMEM;
     const volatile pthread_rwlock_t *rw = rwlock;
 #if defined(__GLIBC__)
     if (rw->__data.__shared)
-        rc = FG_ESHARED;
+        rc = FORKGUARD_ESHARED;
     else if (pthread_rwlockattr_setkind_np(&attr, (int)rw->__data.__flags) != 0)
-        rc = FG_ENOTSUP; /* a reader/writer preference this glibc lacks */
+        rc = FORKGUARD_ENOTSUP; /* a reader/writer preference this glibc lacks */
 #else
     if (rw->__u.__i[2]) /* musl's _rw_shared */
-        rc = FG_ESHARED;
+        rc = FORKGUARD_ESHARED;
 #endif
-    if (rc == FG_OK && pthread_rwlock_init(&e.u.rwlock, &attr) != 0)
-        rc = FG_ENOMEM;
+    if (rc == FORKGUARD_OK && pthread_rwlock_init(&e.u.rwlock, &attr) != 0)
+        rc = FORKGUARD_ENOMEM;
     pthread_rwlockattr_destroy(&attr);
-    if (rc != FG_OK)
+    if (rc != FORKGUARD_OK)
         return rc;
 #endif
     return insert(&e, handle);
@@ -732,49 +732,49 @@ int fg_register_sem(sem_t *sem, unsigned int value, int policy,
                     double timeout, const char *name, uint64_t *handle)
 {
     int rc = check_common(sem, _Alignof(sem_t), policy, timeout, handle);
-    if (rc != FG_OK)
+    if (rc != FORKGUARD_OK)
         return rc;
 #if FG_RESET_BY_COPY
     if (value > (unsigned int)SEM_VALUE_MAX)
-        return FG_EINVAL;
+        return FORKGUARD_EINVAL;
     fg_entry e;
     entry_init(&e, FG_KIND_SEM, sem, policy, timeout, name);
     e.sem_value = value;
     if (sem_init(&e.u.sem, 0, value) != 0)
-        return FG_EINVAL;
+        return FORKGUARD_EINVAL;
     return insert(&e, handle);
 #else
     (void)value;
     (void)name;
-    return FG_ENOTSUP; /* macOS has no unnamed semaphores (sem_init fails) */
+    return FORKGUARD_ENOTSUP; /* macOS has no unnamed semaphores (sem_init fails) */
 #endif
 }
 
 int fg_sem_value(sem_t *sem, unsigned int *value)
 {
     if (sem == NULL || value == NULL)
-        return FG_ENULL;
+        return FORKGUARD_ENULL;
 #if FG_RESET_BY_COPY
     int v;
     if (sem_getvalue(sem, &v) != 0)
-        return FG_EINVAL;
+        return FORKGUARD_EINVAL;
     *value = v > 0 ? (unsigned int)v : 0; /* < 0 means "waiters" on some systems */
-    return FG_OK;
+    return FORKGUARD_OK;
 #else
-    return FG_ENOTSUP;
+    return FORKGUARD_ENOTSUP;
 #endif
 }
 
-int fg_register_hooks(fg_hook_fn prepare, fg_hook_fn parent, fg_hook_fn child,
+int fg_register_hooks(forkguard_hook prepare, forkguard_hook parent, forkguard_hook child,
                       void *arg, const char *name, uint64_t *handle)
 {
     if (handle == NULL || (!prepare && !parent && !child))
-        return FG_ENULL;
+        return FORKGUARD_ENULL;
     int rc = fg_init();
-    if (rc != FG_OK)
+    if (rc != FORKGUARD_OK)
         return rc;
     fg_entry e;
-    entry_init(&e, FG_KIND_HOOKS, arg, FG_POLICY_RESET, 0.0, name);
+    entry_init(&e, FG_KIND_HOOKS, arg, FORKGUARD_POLICY_RESET, 0.0, name);
     e.u.hooks.prepare = prepare;
     e.u.hooks.parent = parent;
     e.u.hooks.child = child;
@@ -784,12 +784,12 @@ int fg_register_hooks(fg_hook_fn prepare, fg_hook_fn parent, fg_hook_fn child,
 int fg_unregister(uint64_t handle)
 {
     if (tls_state)
-        return FG_EBUSY;
-    int rc = FG_OK;
+        return FORKGUARD_EBUSY;
+    int rc = FORKGUARD_OK;
     pthread_mutex_lock(&reg.lock);
     int32_t i = handle_slot(handle);
     if (i == NIL) {
-        rc = FG_ESTALE;
+        rc = FORKGUARD_ESTALE;
     } else if (reg.slots[i].kind == FG_KIND_HOOKS) {
         list_unlink(&reg.hook_head, &reg.hook_tail, i);
     } else {
@@ -833,7 +833,7 @@ int fg_is_active(uint64_t handle)
 int fg_info(uint64_t handle, fg_info_t *info)
 {
     if (info == NULL)
-        return FG_ENULL;
+        return FORKGUARD_ENULL;
     int locked = read_begin();
     int32_t i = handle_slot(handle);
     if (i != NIL) {
@@ -849,7 +849,38 @@ int fg_info(uint64_t handle, fg_info_t *info)
         memcpy(info->name, e->name, FG_NAME_MAX);
     }
     read_end(locked);
-    return i == NIL ? FG_ESTALE : FG_OK;
+    return i == NIL ? FORKGUARD_ESTALE : FORKGUARD_OK;
+}
+
+size_t fg_list(uint64_t *handles, size_t cap)
+{
+    int locked = read_begin();
+    size_t n = 0;
+    for (int32_t i = reg.obj_head; i != NIL; i = reg.slots[i].next, n++)
+        if (n < cap && handles != NULL)
+            handles[n] = make_handle(i);
+    for (int32_t i = reg.hook_head; i != NIL; i = reg.slots[i].next, n++)
+        if (n < cap && handles != NULL)
+            handles[n] = make_handle(i);
+    read_end(locked);
+    return n;
+}
+
+static const forkguard_api api_table = {
+    .abi_version = FORKGUARD_ABI_VERSION,
+    .size = sizeof(forkguard_api),
+    .register_mutex = fg_register_mutex,
+    .register_rwlock = fg_register_rwlock,
+    .register_sem = fg_register_sem,
+    .register_hooks = fg_register_hooks,
+    .unregister = fg_unregister,
+    .is_active = fg_is_active,
+    .strerror = fg_strerror,
+};
+
+const forkguard_api *fg_api(void)
+{
+    return &api_table;
 }
 
 size_t fg_count(void)
@@ -870,30 +901,34 @@ int fg_features(void)
 const char *fg_strerror(int code)
 {
     switch (code) {
-    case FG_OK:
+    case FORKGUARD_OK:
         return "success";
-    case FG_EINVAL:
+    case FORKGUARD_EINVAL:
         return "invalid argument";
-    case FG_ENULL:
+    case FORKGUARD_ENULL:
         return "NULL object or no hook function";
-    case FG_EALIGN:
+    case FORKGUARD_EALIGN:
         return "misaligned object address";
-    case FG_ENOMEM:
+    case FORKGUARD_ENOMEM:
         return "out of memory or registry full";
-    case FG_EEXIST:
+    case FORKGUARD_EEXIST:
         return "object already registered";
-    case FG_ESTALE:
+    case FORKGUARD_ESTALE:
         return "unknown, stale or already unregistered handle";
-    case FG_ENOTSUP:
+    case FORKGUARD_ENOTSUP:
         return "not supported for this object on this platform";
-    case FG_ESHARED:
+    case FORKGUARD_ESHARED:
         return "process-shared object";
-    case FG_ETYPE:
+    case FORKGUARD_ETYPE:
         return "mutex type does not match the mutex";
-    case FG_EBUSY:
+    case FORKGUARD_EBUSY:
         return "called from a fork handler of the forking thread";
-    case FG_EATFORK:
+    case FORKGUARD_EATFORK:
         return "pthread_atfork failed";
+    case FORKGUARD_ENOAPI:
+        return "forkguard's C API table is not attached";
+    case FORKGUARD_EABI:
+        return "the installed forkguard is older than the caller's forkguard.h";
     default:
         return "unknown error";
     }

@@ -16,19 +16,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Error codes: every function returns FG_OK (0) or one of these. */
-#define FG_OK 0
-#define FG_EINVAL (-1)  /* a value out of range: policy, timeout, type... */
-#define FG_ENULL (-2)   /* a NULL object or missing hook functions */
-#define FG_EALIGN (-3)  /* the object's address is misaligned for its type */
-#define FG_ENOMEM (-4)  /* out of memory, or the registry is full */
-#define FG_EEXIST (-5)  /* this object is already registered */
-#define FG_ESTALE (-6)  /* unknown, stale or already unregistered handle */
-#define FG_ENOTSUP (-7) /* this platform cannot restore this object */
-#define FG_ESHARED (-8) /* process-shared object: a reset would break peers */
-#define FG_ETYPE (-9)   /* given mutex type differs from the mutex's own */
-#define FG_EBUSY (-10)  /* called from a fork handler of the forking thread */
-#define FG_EATFORK (-11) /* pthread_atfork() failed */
+/* Error codes, policies, mutex types, handles and hooks are the public ones,
+ * from <forkguard.h>; what follows is internal. */
+#include "forkguard.h"
 
 /* Kinds of registration. */
 #define FG_KIND_MUTEX 1
@@ -36,36 +26,22 @@
 #define FG_KIND_SEM 3
 #define FG_KIND_HOOKS 4
 
-/* Policies. */
-#define FG_POLICY_RESET 0 /* child gets the object back in its initial state */
-#define FG_POLICY_HOLD 1  /* acquired before fork, released on both sides */
-
-/* Mutex types.  FG_MUTEX_DETECT reads the type from the mutex itself, which
- * works where the C library keeps it in the public struct (glibc, musl). */
-#define FG_MUTEX_DETECT (-1)
-#define FG_MUTEX_NORMAL 0
-#define FG_MUTEX_RECURSIVE 1
-#define FG_MUTEX_ERRORCHECK 2
-#define FG_MUTEX_ADAPTIVE 3 /* glibc's PTHREAD_MUTEX_ADAPTIVE_NP */
-
-/* Longest name kept with a registration (longer names are truncated). */
-#define FG_NAME_MAX 64
-
 /* What this build can do (bits of fg_features()). */
 #define FG_FEATURE_MUTEX_TYPE 1 /* mutex types are read from the mutex */
 #define FG_FEATURE_SEM 2        /* unnamed semaphores can be registered */
 #define FG_FEATURE_TIMEDLOCK 4  /* holds wait with timed lock calls (else polling) */
 
+/* Longest name kept with a registration (longer names are truncated). */
+#define FG_NAME_MAX 64
+
 /* Most registrations the registry holds at once. */
 #define FG_MAX_ENTRIES (1u << 24)
-
-typedef void (*fg_hook_fn)(void *arg);
 
 /* What a registration is, for diagnostics. */
 typedef struct {
     int kind;
     int policy;
-    int mutex_type;         /* FG_MUTEX_* for mutexes, -1 otherwise */
+    int mutex_type;         /* FORKGUARD_MUTEX_* for mutexes, -1 otherwise */
     unsigned int sem_value; /* for semaphores */
     double timeout;
     uint64_t hold_timeouts; /* forks at which a hold timed out */
@@ -82,7 +58,7 @@ int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
                        const char *name, uint64_t *handle);
 int fg_register_sem(sem_t *sem, unsigned int value, int policy,
                     double timeout, const char *name, uint64_t *handle);
-int fg_register_hooks(fg_hook_fn prepare, fg_hook_fn parent, fg_hook_fn child,
+int fg_register_hooks(forkguard_hook prepare, forkguard_hook parent, forkguard_hook child,
                       void *arg, const char *name, uint64_t *handle);
 int fg_unregister(uint64_t handle);
 int fg_is_active(uint64_t handle);
@@ -90,18 +66,25 @@ int fg_info(uint64_t handle, fg_info_t *info);
 size_t fg_count(void);
 int fg_features(void);
 
-/* The current count of an unnamed semaphore (FG_ENOTSUP where there are none). */
+/* Up to `cap` live handles (objects oldest first, then hooks oldest first);
+ * returns how many there are. */
+size_t fg_list(uint64_t *handles, size_t cap);
+
+/* The C API table (the capsule "forkguard._C_API" points at it). */
+const forkguard_api *fg_api(void);
+
+/* The current count of an unnamed semaphore (FORKGUARD_ENOTSUP where there are none). */
 int fg_sem_value(sem_t *sem, unsigned int *value);
 
-/* The type of a mutex as the C library records it (FG_ENOTSUP where the
- * library does not expose it, FG_ESHARED for process-shared mutexes). */
+/* The type of a mutex as the C library records it (FORKGUARD_ENOTSUP where the
+ * library does not expose it, FORKGUARD_ESHARED for process-shared mutexes). */
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
 
 /* Run the fork preparation (prepare hooks, then holds) now, in the calling
  * thread, and keep the registry locked until the fork's parent or child
  * handler.  Called from Python's os.fork() "before" hook, where the GIL is
  * released, so that a hold never waits with the GIL held.  Returns how many
- * holds timed out (>= 0), or FG_EBUSY if this thread is already preparing. */
+ * holds timed out (>= 0), or FORKGUARD_EBUSY if this thread is already preparing. */
 int fg_prepare_begin(void);
 
 /* Finish a preparation whose fork() never reached the parent handler; a

@@ -230,7 +230,7 @@ class Hooks:
 
     def fn(self, name: str) -> Any:
         address = int(self.ext.ffi.cast("uintptr_t", self.ext.ffi.addressof(self.ext.lib, name)))
-        return self.ffi.cast("fg_hook_fn", address)
+        return self.ffi.cast("forkguard_hook", address)
 
     def register(self, arg: int) -> int:
         out = self.ffi.new("uint64_t *")
@@ -280,13 +280,13 @@ def test_handles_are_generational(ext: ModuleType) -> None:
     handle = hooks.register(5)
     assert hooks.lib.fg_is_active(handle) == 1
     assert hooks.lib.fg_unregister(handle) == 0
-    assert hooks.lib.fg_unregister(handle) == hooks.lib.FG_ESTALE
+    assert hooks.lib.fg_unregister(handle) == hooks.lib.FORKGUARD_ESTALE
     reused = hooks.register(6)  # may reuse the slot, never the handle
     try:
         assert reused != handle
         assert hooks.lib.fg_is_active(handle) == 0
-        assert hooks.lib.fg_unregister(handle) == hooks.lib.FG_ESTALE
-        assert hooks.lib.fg_unregister(0) == hooks.lib.FG_ESTALE
-        assert hooks.lib.fg_unregister(2**64 - 1) == hooks.lib.FG_ESTALE
+        assert hooks.lib.fg_unregister(handle) == hooks.lib.FORKGUARD_ESTALE
+        assert hooks.lib.fg_unregister(0) == hooks.lib.FORKGUARD_ESTALE
+        assert hooks.lib.fg_unregister(2**64 - 1) == hooks.lib.FORKGUARD_ESTALE
     finally:
         assert hooks.lib.fg_unregister(reused) == 0

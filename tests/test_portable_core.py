@@ -44,7 +44,7 @@ ffi.set_source(
     "_fg_portable",
     '#include "forkguard_core.h"',
     sources=[sys.argv[3] + "/forkguard_core.c"],
-    include_dirs=[sys.argv[3]],
+    include_dirs=[sys.argv[3], sys.argv[3] + "/../src/forkguard/include"],
     define_macros=[("FG_PORTABLE", "1")],
     extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-Werror"],
 )
@@ -69,7 +69,7 @@ def status(st):
 
 assert lib.fg_features() == 0, lib.fg_features()  # no type reading, no sems, polling holds
 m = L.mutex_new(L.PTHREAD_MUTEX_RECURSIVE, 0, 0)
-assert reg_mutex(m, -1)[0] == -7  # FG_ENOTSUP: the type must be given here
+assert reg_mutex(m, -1)[0] == -7  # FORKGUARD_ENOTSUP: the type must be given here
 rc, handle = reg_mutex(m, 1)
 assert rc == 0
 kinds = ext.ffi.new("int[]", [L.K_MUTEX]); objs = ext.ffi.new("void *[]", [m])

@@ -13,6 +13,7 @@ See the README for policies ("reset" and "hold"), C objects, and limits.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from forkguard import _backend, _registry
@@ -26,6 +27,7 @@ __all__ = [
     "Policy",
     "Registration",
     "at_fork",
+    "get_include",
     "register",
     "registrations",
 ]
@@ -110,3 +112,21 @@ def at_fork(
 def registrations() -> list[Registration]:
     """A snapshot of the active registrations, oldest first."""
     return _REGISTRY.registrations()
+
+
+def get_include() -> str:
+    """The folder holding ``forkguard.h``, to compile extensions against forkguard's
+    C API (see docs/c-api.md); Cython declarations come with the package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+
+
+def __getattr__(name: str) -> object:
+    # The C API, made on first use: `_C_API` is the capsule forkguard_import()
+    # imports; `_C_API_ADDRESS` is the table's address for cffi and ctypes users.
+    if name in ("_C_API", "_C_API_ADDRESS") and isinstance(
+        _REGISTRY.backend, _backend.NativeBackend
+    ):
+        value = _REGISTRY.backend.capsule() if name == "_C_API" else _REGISTRY.backend.api_address()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'forkguard' has no attribute {name!r}")

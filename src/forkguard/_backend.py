@@ -16,6 +16,7 @@ from typing import Final, Protocol
 MUTEX: Final = "pthread_mutex"
 RWLOCK: Final = "pthread_rwlock"
 SEM: Final = "sem"
+HOOKS: Final = "hooks"  # C hooks, registered through the C API
 C_KINDS: Final = (MUTEX, RWLOCK, SEM)
 C_TYPE_NAMES: Final = {MUTEX: "pthread_mutex_t", RWLOCK: "pthread_rwlock_t", SEM: "sem_t"}
 
@@ -31,6 +32,7 @@ class CInfo:
 
     kind: str
     policy: int
+    timeout: float
     mutex_type: str | None
     hold_timeouts: int
     address: int
@@ -60,6 +62,7 @@ class Backend(Protocol):
     def info(self, handle: int) -> CInfo | None: ...
     def sem_value(self, address: int) -> int: ...
     def sem_value_max(self) -> int: ...
+    def handles(self) -> list[int]: ...
     def prepare_begin(self) -> int: ...
     def parent_end(self) -> None: ...
     def count(self) -> int: ...
@@ -83,7 +86,7 @@ class NativeBackend:
         self._ffi = ffi
         self._lib = lib
         rc = lib.fg_init()
-        if rc != lib.FG_OK:
+        if rc != lib.FORKGUARD_OK:
             raise OSError(f"forkguard: cannot install its fork handlers: {self._strerror(rc)}")
         features = lib.fg_features()
         self.can_fork = True
@@ -93,13 +96,13 @@ class NativeBackend:
             lib.FG_KIND_MUTEX: MUTEX,
             lib.FG_KIND_RWLOCK: RWLOCK,
             lib.FG_KIND_SEM: SEM,
-            lib.FG_KIND_HOOKS: "hooks",
+            lib.FG_KIND_HOOKS: HOOKS,
         }
         self._type_codes = {
-            "normal": lib.FG_MUTEX_NORMAL,
-            "recursive": lib.FG_MUTEX_RECURSIVE,
-            "errorcheck": lib.FG_MUTEX_ERRORCHECK,
-            "adaptive": lib.FG_MUTEX_ADAPTIVE,
+            "normal": lib.FORKGUARD_MUTEX_NORMAL,
+            "recursive": lib.FORKGUARD_MUTEX_RECURSIVE,
+            "errorcheck": lib.FORKGUARD_MUTEX_ERRORCHECK,
+            "adaptive": lib.FORKGUARD_MUTEX_ADAPTIVE,
         }
         self._type_names = {v: k for k, v in self._type_codes.items()}
 
@@ -121,7 +124,9 @@ class NativeBackend:
         out = ffi.new("uint64_t *")
         cname = name.encode("utf-8", "replace")[: lib.FG_NAME_MAX - 1]
         if kind == MUTEX:
-            code = lib.FG_MUTEX_DETECT if mutex_type is None else self._type_codes[mutex_type]
+            code = lib.FORKGUARD_MUTEX_DETECT
+            if mutex_type is not None:
+                code = self._type_codes[mutex_type]
             ptr = ffi.cast("pthread_mutex_t *", address)
             rc = lib.fg_register_mutex(ptr, code, policy, timeout, cname, out)
         elif kind == RWLOCK:
@@ -130,7 +135,7 @@ class NativeBackend:
         else:
             ptr = ffi.cast("sem_t *", address)
             rc = lib.fg_register_sem(ptr, value, policy, timeout, cname, out)
-        if rc != lib.FG_OK:
+        if rc != lib.FORKGUARD_OK:
             raise self._register_error(rc, kind, address, mutex_type)
         return int(out[0])
 
@@ -139,22 +144,22 @@ class NativeBackend:
     ) -> Exception:
         lib = self._lib
         what = f"{C_TYPE_NAMES[kind]} at {address:#x}"
-        if rc == lib.FG_EEXIST:
+        if rc == lib.FORKGUARD_EEXIST:
             return ValueError(
                 f"{what} is already registered (by C code through forkguard's C API, or "
                 f"by another registration); unregister that one first"
             )
-        if rc == lib.FG_ESHARED:
+        if rc == lib.FORKGUARD_ESHARED:
             return TypeError(
                 f"{what} is process-shared (PTHREAD_PROCESS_SHARED): resetting it in a "
                 f"child would break the other processes using it, so forkguard refuses it"
             )
-        if rc == lib.FG_ETYPE:
+        if rc == lib.FORKGUARD_ETYPE:
             return ValueError(
                 f"{what} is a {self.mutex_type(address)} mutex, not {mutex_type!r}; "
                 f"pass its real type or leave mutex_type=None to read it from the mutex"
             )
-        if rc == lib.FG_ENOTSUP:
+        if rc == lib.FORKGUARD_ENOTSUP:
             if kind == MUTEX and self.can_read_mutex_type:
                 return TypeError(
                     f"{what} is a robust or priority-protect mutex, which forkguard cannot "
@@ -168,14 +173,14 @@ class NativeBackend:
                     f"'errorcheck'"
                 )
             return TypeError(f"{what}: {C_TYPE_NAMES[kind]} is not supported on this platform")
-        if rc == lib.FG_ENOMEM:
+        if rc == lib.FORKGUARD_ENOMEM:
             return MemoryError(
                 f"cannot register {what}: out of memory, or the registry is full "
                 f"(at most {lib.FG_MAX_ENTRIES:,} registrations)"
             )
-        if rc == lib.FG_EBUSY:
+        if rc == lib.FORKGUARD_EBUSY:
             return RuntimeError(_BUSY)
-        if rc == lib.FG_EALIGN:
+        if rc == lib.FORKGUARD_EALIGN:
             return ValueError(
                 f"{what} is misaligned: a {C_TYPE_NAMES[kind]} address must be a "
                 f"multiple of {alignment(kind)}"
@@ -184,9 +189,9 @@ class NativeBackend:
 
     def unregister(self, handle: int) -> bool:
         rc = self._lib.fg_unregister(handle)
-        if rc == self._lib.FG_EBUSY:
+        if rc == self._lib.FORKGUARD_EBUSY:
             raise RuntimeError(_BUSY)
-        return bool(rc == self._lib.FG_OK)
+        return bool(rc == self._lib.FORKGUARD_OK)
 
     def is_active(self, handle: int) -> bool:
         return bool(self._lib.fg_is_active(handle))
@@ -194,11 +199,12 @@ class NativeBackend:
     def info(self, handle: int) -> CInfo | None:
         ffi, lib = self._ffi, self._lib
         out = ffi.new("fg_info_t *")
-        if lib.fg_info(handle, out) != lib.FG_OK:
+        if lib.fg_info(handle, out) != lib.FORKGUARD_OK:
             return None
         return CInfo(
             kind=self._kind_codes[out.kind],
             policy=int(out.policy),
+            timeout=float(out.timeout),
             mutex_type=self._type_names.get(out.mutex_type),
             hold_timeouts=int(out.hold_timeouts),
             address=int(out.address),
@@ -210,7 +216,7 @@ class NativeBackend:
         ffi, lib = self._ffi, self._lib
         out = ffi.new("int *")
         rc = lib.fg_mutex_type(ffi.cast("pthread_mutex_t *", address), out)
-        if rc != lib.FG_OK:
+        if rc != lib.FORKGUARD_OK:
             raise self._register_error(rc, MUTEX, address, None)
         return self._type_names[out[0]]
 
@@ -218,13 +224,40 @@ class NativeBackend:
         ffi, lib = self._ffi, self._lib
         out = ffi.new("unsigned int *")
         rc = lib.fg_sem_value(ffi.cast("sem_t *", address), out)
-        if rc != lib.FG_OK:
+        if rc != lib.FORKGUARD_OK:
             reason = self._strerror(rc)
             raise ValueError(f"cannot read the count of sem_t at {address:#x}: {reason}")
         return int(out[0])
 
     def sem_value_max(self) -> int:
         return int(self._lib.FG_SEM_VALUE_MAX)
+
+    def handles(self) -> list[int]:
+        """Every live C registration, objects then hooks, oldest first."""
+        ffi, lib = self._ffi, self._lib
+        cap = lib.fg_count() + 16
+        while True:
+            buf = ffi.new("uint64_t[]", cap)
+            n = int(lib.fg_list(buf, cap))
+            if n <= cap:
+                return [int(buf[i]) for i in range(n)]
+            cap = n + 16  # registrations arrived meanwhile
+
+    def api_address(self) -> int:
+        """Address of the C API table (forkguard.h's forkguard_api)."""
+        return int(self._ffi.cast("uintptr_t", self._lib.fg_api()))
+
+    def capsule(self) -> object:
+        """A PyCapsule named "forkguard._C_API" holding the C API table.
+
+        Made with ctypes because cffi cannot return Python objects from C; the
+        name is a string literal in the C core, so it outlives the capsule."""
+        import ctypes
+
+        new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        capsule_new = new(("PyCapsule_New", ctypes.pythonapi))
+        name = int(self._ffi.cast("uintptr_t", self._lib.fg_capsule_name()))
+        return capsule_new(self.api_address(), name, None)
 
     def prepare_begin(self) -> int:
         return int(self._lib.fg_prepare_begin())
@@ -268,7 +301,7 @@ class NoForkBackend:
         if any(i.address == address for i in self._live.values()):
             raise ValueError(f"{C_TYPE_NAMES[kind]} at {address:#x} is already registered")
         handle = next(self._next)
-        self._live[handle] = CInfo(kind, policy, mutex_type, 0, address, name)
+        self._live[handle] = CInfo(kind, policy, timeout, mutex_type, 0, address, name)
         return handle
 
     def unregister(self, handle: int) -> bool:
@@ -294,6 +327,9 @@ class NoForkBackend:
 
     def count(self) -> int:
         return len(self._live)
+
+    def handles(self) -> list[int]:
+        return list(self._live)
 
 
 def load() -> NativeBackend | NoForkBackend:

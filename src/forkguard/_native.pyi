@@ -2,29 +2,33 @@
 from typing import Any
 
 class _Lib:
-    FG_OK: int
-    FG_EINVAL: int
-    FG_ENULL: int
-    FG_EALIGN: int
-    FG_ENOMEM: int
-    FG_EEXIST: int
-    FG_ESTALE: int
-    FG_ENOTSUP: int
-    FG_ESHARED: int
-    FG_ETYPE: int
-    FG_EBUSY: int
-    FG_EATFORK: int
+    FORKGUARD_OK: int
+    FORKGUARD_EINVAL: int
+    FORKGUARD_ENULL: int
+    FORKGUARD_EALIGN: int
+    FORKGUARD_ENOMEM: int
+    FORKGUARD_EEXIST: int
+    FORKGUARD_ESTALE: int
+    FORKGUARD_ENOTSUP: int
+    FORKGUARD_ESHARED: int
+    FORKGUARD_ETYPE: int
+    FORKGUARD_EBUSY: int
+    FORKGUARD_EATFORK: int
+    FORKGUARD_ENOAPI: int
+    FORKGUARD_EABI: int
+    FORKGUARD_ABI_VERSION: int
+    FORKGUARD_DEFAULT_TIMEOUT: float
     FG_KIND_MUTEX: int
     FG_KIND_RWLOCK: int
     FG_KIND_SEM: int
     FG_KIND_HOOKS: int
-    FG_POLICY_RESET: int
-    FG_POLICY_HOLD: int
-    FG_MUTEX_DETECT: int
-    FG_MUTEX_NORMAL: int
-    FG_MUTEX_RECURSIVE: int
-    FG_MUTEX_ERRORCHECK: int
-    FG_MUTEX_ADAPTIVE: int
+    FORKGUARD_POLICY_RESET: int
+    FORKGUARD_POLICY_HOLD: int
+    FORKGUARD_MUTEX_DETECT: int
+    FORKGUARD_MUTEX_NORMAL: int
+    FORKGUARD_MUTEX_RECURSIVE: int
+    FORKGUARD_MUTEX_ERRORCHECK: int
+    FORKGUARD_MUTEX_ADAPTIVE: int
     FG_FEATURE_MUTEX_TYPE: int
     FG_FEATURE_SEM: int
     FG_FEATURE_TIMEDLOCK: int
@@ -51,6 +55,9 @@ class _Lib:
     def fg_is_active(self, handle: int) -> int: ...
     def fg_info(self, handle: int, info: Any) -> int: ...
     def fg_count(self) -> int: ...
+    def fg_list(self, handles: Any, cap: int) -> int: ...
+    def fg_api(self) -> Any: ...
+    def fg_capsule_name(self) -> Any: ...
     def fg_features(self) -> int: ...
     def fg_mutex_type(self, mutex: Any, mutex_type: Any) -> int: ...
     def fg_prepare_begin(self) -> int: ...

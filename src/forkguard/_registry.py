@@ -109,6 +109,8 @@ class Registration:
     @property
     def active(self) -> bool:
         """True until unregistered, or until the (weakly held) object is collected."""
+        if self._active and self._handle is not None:
+            return self._registry.backend.is_active(self._handle)
         return self._active
 
     @property
@@ -130,7 +132,8 @@ class Registration:
         return self._hold_timeouts
 
     def unregister(self) -> bool:
-        """End this registration: True the first time, False if it had already ended."""
+        """End this registration: True the first time, False if it had already ended
+        (for a C registration, also when its owner ended it through the C API)."""
         return self._registry.unregister(self)
 
     def __enter__(self) -> Registration:
@@ -298,11 +301,12 @@ class Registry:
         with self._lock:
             if not reg._active:
                 return False
+            ended_here = True
             if reg._handle is not None:
                 # May raise (called from a fork handler); the registration stays.
-                self.backend.unregister(reg._handle)
+                ended_here = self.backend.unregister(reg._handle)
             self._end(reg, "unregistered")
-        return True
+        return ended_here
 
     def _end(self, reg: Registration, why: str) -> None:
         # Lock-free (single dict operations): weakref callbacks call this from
@@ -317,8 +321,32 @@ class Registry:
         reg._keepalive = None
 
     def registrations(self) -> list[Registration]:
+        """Python-made registrations in registration order, then those made through
+        the C API (objects, then hooks, oldest first)."""
         regs = [*self._objects.copy().values(), *self._hooks.copy().values()]
-        return sorted((r for r in regs if r._active), key=lambda r: r._token)
+        mine = sorted((r for r in regs if r._active), key=lambda r: r._token)
+        known = {r._handle for r in regs}
+        theirs = (self._foreign(h) for h in self.backend.handles() if h not in known)
+        return mine + [r for r in theirs if r is not None]
+
+    def _foreign(self, handle: int) -> Registration | None:
+        """A Registration for something C code registered through the C API."""
+        info = self.backend.info(handle)
+        if info is None:
+            return None  # unregistered meanwhile
+        if info.kind == _backend.HOOKS:
+            label = "C hooks"
+        else:
+            label = _backend.C_TYPE_NAMES[info.kind]
+            if info.mutex_type is not None:
+                label = f"{label} ({info.mutex_type})"
+        reg = Registration(self, 0, info.name or f"{label} at {info.address:#x}", label)
+        reg._handle = handle
+        reg._address = info.address
+        if info.kind != _backend.HOOKS:
+            reg._policy = "hold" if info.policy == _backend.POLICY_HOLD else "reset"
+            reg._timeout = info.timeout
+        return reg
 
     # ---------------------------------------------------------------- fork hooks
 
