@@ -89,6 +89,8 @@ size_t fg_count(void);
 size_t fg_list(uint64_t *handles, size_t cap);
 const forkguard_api *fg_api(void);
 const char *fg_capsule_name(void);
+int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int value,
+                      int policy, double timeout, const char *name);
 static const double FORKGUARD_DEFAULT_TIMEOUT;
 int fg_features(void);
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
@@ -106,6 +108,31 @@ PREAMBLE = """
 #define FG_ALIGNOF_RWLOCK _Alignof(pthread_rwlock_t)
 #define FG_ALIGNOF_SEM _Alignof(sem_t)
 static const char *fg_capsule_name(void) { return FORKGUARD_CAPSULE_NAME; }
+
+/* Python's registration path: the object as an address, and the handle (> 0,
+ * handles fit in 63 bits) or an error code (< 0) as the result, so that no
+ * out-parameter is allocated per call. */
+static int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int value,
+                             int policy, double timeout, const char *name)
+{
+    uint64_t handle = 0;
+    int rc;
+    switch (kind) {
+    case FG_KIND_MUTEX:
+        rc = fg_register_mutex((pthread_mutex_t *)address, mutex_type, policy, timeout,
+                               name, &handle);
+        break;
+    case FG_KIND_RWLOCK:
+        rc = fg_register_rwlock((pthread_rwlock_t *)address, policy, timeout, name, &handle);
+        break;
+    case FG_KIND_SEM:
+        rc = fg_register_sem((sem_t *)address, value, policy, timeout, name, &handle);
+        break;
+    default:
+        rc = FORKGUARD_EINVAL;
+    }
+    return rc != FORKGUARD_OK ? rc : (int64_t)handle;
+}
 """
 
 

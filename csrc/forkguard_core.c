@@ -47,28 +47,53 @@
 
 #define NIL (-1)
 
+#if FG_RESET_BY_COPY
+/* A freshly initialised object, shared by every registration that needs the
+ * same bytes (all default mutexes share one).  Never written after creation. */
+typedef struct fg_template {
+    struct fg_template *next;
+    uint32_t refs;
+    uint32_t size;
+    union {
+        pthread_mutex_t mutex;
+        pthread_rwlock_t rwlock;
+        sem_t sem;
+    } u;
+} fg_template;
+#endif
+
+/* What the child handler needs per object, packed densely: it walks this
+ * array and nothing else, so a fork with many registrations stays cheap. */
+typedef struct {
+    void *obj;
+#if FG_RESET_BY_COPY
+    const fg_template *tpl;
+#else
+    uint8_t kind;
+    int8_t mutex_type;
+#endif
+    int32_t slot; /* the entry this belongs to */
+} fg_restore;
+
 typedef struct {
     uint32_t generation; /* part of the handle; bumped when the slot is freed */
     int32_t prev, next;  /* registration order; `next` also links free slots */
+    int32_t hprev, hnext; /* the hold list (policy HOLD), registration order */
+    int32_t restore_pos; /* index in reg.restore (objects) */
     uint8_t kind;        /* FG_KIND_*, or 0 for a free slot */
     uint8_t policy;
     uint8_t held;        /* the hold was taken for the fork in progress */
     int8_t mutex_type;
-    uint8_t mutex_pi;    /* priority-inheritance mutex (template must match) */
     unsigned int sem_value;
     double timeout;
     uint64_t hold_timeouts;
     void *obj; /* the registered object, or the hooks' argument */
-    union {
 #if FG_RESET_BY_COPY
-        pthread_mutex_t mutex;
-        pthread_rwlock_t rwlock;
-        sem_t sem;
+    fg_template *tpl;
 #endif
-        struct {
-            forkguard_hook prepare, parent, child;
-        } hooks;
-    } u;
+    struct {
+        forkguard_hook prepare, parent, child;
+    } hooks;
     char name[FG_NAME_MAX];
 } fg_entry;
 
@@ -80,10 +105,16 @@ static struct {
     int32_t free_head;
     int32_t obj_head, obj_tail;   /* mutexes, rwlocks, semaphores */
     int32_t hook_head, hook_tail; /* hooks */
+    int32_t hold_head, hold_tail; /* objects with policy HOLD */
     uint32_t count;               /* live registrations */
     uint32_t nobj;                /* live objects (entries in `index`) */
     uint32_t *index;              /* open addressing: slot + 1, keyed by obj */
     uint32_t index_mask;
+    fg_restore *restore; /* one per live object, in no particular order */
+    uint32_t restore_cap;
+#if FG_RESET_BY_COPY
+    fg_template *templates;
+#endif
 } reg = {
     .lock = PTHREAD_MUTEX_INITIALIZER,
     .free_head = NIL,
@@ -91,6 +122,8 @@ static struct {
     .obj_tail = NIL,
     .hook_head = NIL,
     .hook_tail = NIL,
+    .hold_head = NIL,
+    .hold_tail = NIL,
 };
 
 /* Per-thread fork state.  A thread that prepares a fork keeps the registry
@@ -215,9 +248,9 @@ static void slot_free(int32_t i)
 {
     fg_entry *e = &reg.slots[i];
     e->kind = 0;
-    /* A slot whose generation would wrap is retired, so no handle ever
-     * matches two registrations. */
-    if (++e->generation == 0)
+    /* A slot whose generation would pass 2^31 is retired: no handle ever
+     * matches two registrations, and handles fit in 63 bits. */
+    if (++e->generation >= UINT32_C(1) << 31)
         return;
     e->next = reg.free_head;
     reg.free_head = i;
@@ -246,6 +279,78 @@ static void list_unlink(int32_t *head, int32_t *tail, int32_t i)
     else
         *tail = e->prev;
 }
+
+static void hold_append(int32_t i)
+{
+    reg.slots[i].hprev = reg.hold_tail;
+    reg.slots[i].hnext = NIL;
+    if (reg.hold_tail != NIL)
+        reg.slots[reg.hold_tail].hnext = i;
+    else
+        reg.hold_head = i;
+    reg.hold_tail = i;
+}
+
+static void hold_unlink(int32_t i)
+{
+    fg_entry *e = &reg.slots[i];
+    if (e->hprev != NIL)
+        reg.slots[e->hprev].hnext = e->hnext;
+    else
+        reg.hold_head = e->hnext;
+    if (e->hnext != NIL)
+        reg.slots[e->hnext].hprev = e->hprev;
+    else
+        reg.hold_tail = e->hprev;
+}
+
+/* Room for one more object in the restore array. */
+static int restore_reserve(void)
+{
+    if (reg.nobj < reg.restore_cap)
+        return FORKGUARD_OK;
+    uint32_t ncap = reg.restore_cap ? reg.restore_cap * 2 : 16;
+    fg_restore *n = realloc(reg.restore, (size_t)ncap * sizeof *n);
+    if (n == NULL)
+        return FORKGUARD_ENOMEM;
+    reg.restore = n;
+    reg.restore_cap = ncap;
+    return FORKGUARD_OK;
+}
+
+#if FG_RESET_BY_COPY
+/* The pool's copy of `want` (refs + 1), or NULL when out of memory. */
+static fg_template *template_intern(const fg_template *want)
+{
+    for (fg_template *t = reg.templates; t != NULL; t = t->next) {
+        if (t->size == want->size && memcmp(&t->u, &want->u, want->size) == 0) {
+            t->refs++;
+            return t;
+        }
+    }
+    fg_template *t = malloc(sizeof *t);
+    if (t == NULL)
+        return NULL;
+    *t = *want;
+    t->refs = 1;
+    t->next = reg.templates;
+    reg.templates = t;
+    return t;
+}
+
+static void template_release(fg_template *t)
+{
+    if (t == NULL || --t->refs > 0)
+        return;
+    for (fg_template **p = &reg.templates; *p != NULL; p = &(*p)->next) {
+        if (*p == t) {
+            *p = t->next;
+            break;
+        }
+    }
+    free(t);
+}
+#endif
 
 static uint64_t make_handle(int32_t i)
 {
@@ -372,13 +477,11 @@ static int prepare_locked(void)
     int timeouts = 0;
     for (int32_t i = reg.hook_tail; i != NIL; i = reg.slots[i].prev) {
         fg_entry *e = &reg.slots[i];
-        if (e->u.hooks.prepare)
-            e->u.hooks.prepare(e->obj);
+        if (e->hooks.prepare)
+            e->hooks.prepare(e->obj);
     }
-    for (int32_t i = reg.obj_head; i != NIL; i = reg.slots[i].next) {
+    for (int32_t i = reg.hold_head; i != NIL; i = reg.slots[i].hnext) {
         fg_entry *e = &reg.slots[i];
-        if (e->policy != FORKGUARD_POLICY_HOLD)
-            continue;
         int got = hold_take(e);
         e->held = got == 1;
         if (got < 0) {
@@ -391,7 +494,7 @@ static int prepare_locked(void)
 
 static void finish_parent(void)
 {
-    for (int32_t i = reg.obj_tail; i != NIL; i = reg.slots[i].prev) {
+    for (int32_t i = reg.hold_tail; i != NIL; i = reg.slots[i].hprev) {
         fg_entry *e = &reg.slots[i];
         if (e->held) {
             hold_release(e);
@@ -400,8 +503,8 @@ static void finish_parent(void)
     }
     for (int32_t i = reg.hook_head; i != NIL; i = reg.slots[i].next) {
         fg_entry *e = &reg.slots[i];
-        if (e->u.hooks.parent)
-            e->u.hooks.parent(e->obj);
+        if (e->hooks.parent)
+            e->hooks.parent(e->obj);
     }
     tls_state = 0;
     pthread_mutex_unlock(&reg.lock);
@@ -430,22 +533,19 @@ static void atfork_parent(void)
 /* Copy the template over the object, but only where it differs: an object
  * already in its initial state (the usual case) is only read, so its page is
  * not copied by the kernel. memcmp/memcpy are async-signal-safe (POSIX 2016). */
-static void restore(fg_entry *e)
+static void restore(const fg_restore *r)
 {
 #if FG_RESET_BY_COPY
-    size_t n = e->kind == FG_KIND_MUTEX    ? sizeof(pthread_mutex_t)
-               : e->kind == FG_KIND_RWLOCK ? sizeof(pthread_rwlock_t)
-                                           : sizeof(sem_t);
-    if (memcmp(e->obj, &e->u, n) != 0)
-        memcpy(e->obj, &e->u, n);
+    if (memcmp(r->obj, &r->tpl->u, r->tpl->size) != 0)
+        memcpy(r->obj, &r->tpl->u, r->tpl->size);
 #else
     /* Not on POSIX's async-signal-safe list, but on these systems (macOS)
      * initialising a mutex or rwlock only stores into the object: it neither
      * allocates nor locks. */
-    if (e->kind == FG_KIND_MUTEX)
-        pthread_mutex_init(e->obj, &mutex_attrs[e->mutex_type]);
+    if (r->kind == FG_KIND_MUTEX)
+        pthread_mutex_init(r->obj, &mutex_attrs[r->mutex_type]);
     else
-        pthread_rwlock_init(e->obj, NULL);
+        pthread_rwlock_init(r->obj, NULL);
 #endif
 }
 
@@ -455,12 +555,12 @@ static void atfork_child(void)
     if (!(tls_state & TLS_IN_FORK))
         return;
     int saved_errno = errno;
-    for (int32_t i = reg.obj_head; i != NIL; i = reg.slots[i].next)
-        restore(&reg.slots[i]);
+    for (uint32_t k = 0; k < reg.nobj; k++)
+        restore(&reg.restore[k]);
     for (int32_t i = reg.hook_head; i != NIL; i = reg.slots[i].next) {
         fg_entry *e = &reg.slots[i];
-        if (e->u.hooks.child)
-            e->u.hooks.child(e->obj);
+        if (e->hooks.child)
+            e->hooks.child(e->obj);
     }
     /* This thread owns reg.lock, but an error-checking implementation would
      * refuse the unlock (the thread id changed); a fresh copy needs no owner. */
@@ -550,40 +650,73 @@ static void entry_init(fg_entry *e, int kind, void *obj, int policy,
     }
 }
 
-/* Insert a prepared entry: one critical section, so a fork sees all or none. */
-static int insert(const fg_entry *proto, uint64_t *handle)
+#if FG_RESET_BY_COPY
+typedef fg_template fg_template_arg;
+#else
+typedef void fg_template_arg;
+#endif
+
+/* Insert a prepared entry (and, for an object, its template): one critical
+ * section, every allocation before any change, so a fork sees all or none and
+ * a failure changes nothing. */
+static int insert(const fg_entry *proto, const fg_template_arg *tpl, uint64_t *handle)
 {
     int is_obj = proto->kind != FG_KIND_HOOKS;
     int rc = FORKGUARD_OK;
+    int32_t i = NIL;
     if (tls_state)
         return FORKGUARD_EBUSY;
     pthread_mutex_lock(&reg.lock);
-    uint32_t pos;
-    if (is_obj && index_find(proto->obj, &pos) != NIL) {
+#if FG_RESET_BY_COPY
+    fg_template *shared = NULL;
+#else
+    (void)tpl;
+#endif
+    if (is_obj && index_find(proto->obj, NULL) != NIL)
         rc = FORKGUARD_EEXIST;
-    } else if (is_obj && index_reserve() != FORKGUARD_OK) {
+    else if (is_obj && (index_reserve() != FORKGUARD_OK || restore_reserve() != FORKGUARD_OK))
         rc = FORKGUARD_ENOMEM;
-    } else {
-        int32_t i = slot_alloc();
-        if (i == NIL) {
-            rc = FORKGUARD_ENOMEM;
-        } else {
-            uint32_t generation = reg.slots[i].generation;
-            reg.slots[i] = *proto;
-            reg.slots[i].generation = generation;
-            if (is_obj) {
-                list_append(&reg.obj_head, &reg.obj_tail, i);
-                index_put(i);
-                reg.nobj++;
-            } else {
-                list_append(&reg.hook_head, &reg.hook_tail, i);
-            }
-            reg.count++;
-            *handle = make_handle(i);
-        }
+#if FG_RESET_BY_COPY
+    else if (is_obj && (shared = template_intern(tpl)) == NULL)
+        rc = FORKGUARD_ENOMEM;
+#endif
+    else if ((i = slot_alloc()) == NIL)
+        rc = FORKGUARD_ENOMEM;
+    if (rc != FORKGUARD_OK) {
+#if FG_RESET_BY_COPY
+        template_release(shared);
+#endif
+        pthread_mutex_unlock(&reg.lock);
+        return rc;
     }
+
+    fg_entry *e = &reg.slots[i];
+    uint32_t generation = e->generation;
+    *e = *proto;
+    e->generation = generation;
+    if (is_obj) {
+        list_append(&reg.obj_head, &reg.obj_tail, i);
+        if (e->policy == FORKGUARD_POLICY_HOLD)
+            hold_append(i);
+        index_put(i);
+        fg_restore *r = &reg.restore[reg.nobj];
+        r->obj = e->obj;
+        r->slot = i;
+#if FG_RESET_BY_COPY
+        e->tpl = shared;
+        r->tpl = shared;
+#else
+        r->kind = e->kind;
+        r->mutex_type = e->mutex_type;
+#endif
+        e->restore_pos = (int32_t)reg.nobj++;
+    } else {
+        list_append(&reg.hook_head, &reg.hook_tail, i);
+    }
+    reg.count++;
+    *handle = make_handle(i);
     pthread_mutex_unlock(&reg.lock);
-    return rc;
+    return FORKGUARD_OK;
 }
 
 /* The mutex type and flags, read from the C library's public struct. */
@@ -688,12 +821,17 @@ int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
     fg_entry e;
     entry_init(&e, FG_KIND_MUTEX, mutex, policy, timeout, name);
     e.mutex_type = (int8_t)mutex_type;
-    e.mutex_pi = (uint8_t)pi;
 #if FG_RESET_BY_COPY
-    if ((rc = mutex_template(&e.u.mutex, mutex_type, pi)) != FORKGUARD_OK)
+    fg_template tpl;
+    memset(&tpl, 0, sizeof tpl);
+    tpl.size = sizeof(pthread_mutex_t);
+    if ((rc = mutex_template(&tpl.u.mutex, mutex_type, pi)) != FORKGUARD_OK)
         return rc;
+    return insert(&e, &tpl, handle);
+#else
+    (void)pi;
+    return insert(&e, NULL, handle);
 #endif
-    return insert(&e, handle);
 }
 
 int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
@@ -706,6 +844,9 @@ int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
     fg_entry e;
     entry_init(&e, FG_KIND_RWLOCK, rwlock, policy, timeout, name);
 #if FG_RESET_BY_COPY
+    fg_template tpl;
+    memset(&tpl, 0, sizeof tpl);
+    tpl.size = sizeof(pthread_rwlock_t);
     pthread_rwlockattr_t attr;
     if (pthread_rwlockattr_init(&attr) != 0)
         return FORKGUARD_ENOMEM;
@@ -719,13 +860,15 @@ int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
     if (rw->__u.__i[2]) /* musl's _rw_shared */
         rc = FORKGUARD_ESHARED;
 #endif
-    if (rc == FORKGUARD_OK && pthread_rwlock_init(&e.u.rwlock, &attr) != 0)
+    if (rc == FORKGUARD_OK && pthread_rwlock_init(&tpl.u.rwlock, &attr) != 0)
         rc = FORKGUARD_ENOMEM;
     pthread_rwlockattr_destroy(&attr);
     if (rc != FORKGUARD_OK)
         return rc;
+    return insert(&e, &tpl, handle);
+#else
+    return insert(&e, NULL, handle);
 #endif
-    return insert(&e, handle);
 }
 
 int fg_register_sem(sem_t *sem, unsigned int value, int policy,
@@ -740,9 +883,12 @@ int fg_register_sem(sem_t *sem, unsigned int value, int policy,
     fg_entry e;
     entry_init(&e, FG_KIND_SEM, sem, policy, timeout, name);
     e.sem_value = value;
-    if (sem_init(&e.u.sem, 0, value) != 0)
+    fg_template tpl;
+    memset(&tpl, 0, sizeof tpl);
+    tpl.size = sizeof(sem_t);
+    if (sem_init(&tpl.u.sem, 0, value) != 0)
         return FORKGUARD_EINVAL;
-    return insert(&e, handle);
+    return insert(&e, &tpl, handle);
 #else
     (void)value;
     (void)name;
@@ -775,10 +921,10 @@ int fg_register_hooks(forkguard_hook prepare, forkguard_hook parent, forkguard_h
         return rc;
     fg_entry e;
     entry_init(&e, FG_KIND_HOOKS, arg, FORKGUARD_POLICY_RESET, 0.0, name);
-    e.u.hooks.prepare = prepare;
-    e.u.hooks.parent = parent;
-    e.u.hooks.child = child;
-    return insert(&e, handle);
+    e.hooks.prepare = prepare;
+    e.hooks.parent = parent;
+    e.hooks.child = child;
+    return insert(&e, NULL, handle);
 }
 
 int fg_unregister(uint64_t handle)
@@ -793,11 +939,20 @@ int fg_unregister(uint64_t handle)
     } else if (reg.slots[i].kind == FG_KIND_HOOKS) {
         list_unlink(&reg.hook_head, &reg.hook_tail, i);
     } else {
+        fg_entry *e = &reg.slots[i];
         uint32_t pos;
-        index_find(reg.slots[i].obj, &pos);
+        index_find(e->obj, &pos);
         index_remove(pos);
         list_unlink(&reg.obj_head, &reg.obj_tail, i);
-        reg.nobj--;
+        if (e->policy == FORKGUARD_POLICY_HOLD)
+            hold_unlink(i);
+        /* Swap-remove: the restore array has no order to keep. */
+        fg_restore *last = &reg.restore[--reg.nobj];
+        reg.restore[e->restore_pos] = *last;
+        reg.slots[last->slot].restore_pos = e->restore_pos;
+#if FG_RESET_BY_COPY
+        template_release(e->tpl);
+#endif
     }
     if (i != NIL) {
         slot_free(i);

@@ -50,10 +50,9 @@ class Backend(Protocol):
         self,
         kind: str,
         address: int,
-        *,
         policy: int,
         timeout: float,
-        name: str,
+        name: str | None,
         mutex_type: str | None,
         value: int,
     ) -> int: ...
@@ -92,12 +91,14 @@ class NativeBackend:
         self.can_fork = True
         self.can_read_mutex_type = bool(features & lib.FG_FEATURE_MUTEX_TYPE)
         self.has_semaphores = bool(features & lib.FG_FEATURE_SEM)
-        self._kind_codes = {
-            lib.FG_KIND_MUTEX: MUTEX,
-            lib.FG_KIND_RWLOCK: RWLOCK,
-            lib.FG_KIND_SEM: SEM,
-            lib.FG_KIND_HOOKS: HOOKS,
+        self._no_name = ffi.NULL
+        self._kind_ids = {
+            MUTEX: lib.FG_KIND_MUTEX,
+            RWLOCK: lib.FG_KIND_RWLOCK,
+            SEM: lib.FG_KIND_SEM,
         }
+        self._kind_codes = {v: k for k, v in self._kind_ids.items()}
+        self._kind_codes[lib.FG_KIND_HOOKS] = HOOKS
         self._type_codes = {
             "normal": lib.FORKGUARD_MUTEX_NORMAL,
             "recursive": lib.FORKGUARD_MUTEX_RECURSIVE,
@@ -113,31 +114,23 @@ class NativeBackend:
         self,
         kind: str,
         address: int,
-        *,
         policy: int,
         timeout: float,
-        name: str,
+        name: str | None,
         mutex_type: str | None,
         value: int,
     ) -> int:
-        ffi, lib = self._ffi, self._lib
-        out = ffi.new("uint64_t *")
-        cname = name.encode("utf-8", "replace")[: lib.FG_NAME_MAX - 1]
-        if kind == MUTEX:
-            code = lib.FORKGUARD_MUTEX_DETECT
-            if mutex_type is not None:
-                code = self._type_codes[mutex_type]
-            ptr = ffi.cast("pthread_mutex_t *", address)
-            rc = lib.fg_register_mutex(ptr, code, policy, timeout, cname, out)
-        elif kind == RWLOCK:
-            ptr = ffi.cast("pthread_rwlock_t *", address)
-            rc = lib.fg_register_rwlock(ptr, policy, timeout, cname, out)
-        else:
-            ptr = ffi.cast("sem_t *", address)
-            rc = lib.fg_register_sem(ptr, value, policy, timeout, cname, out)
-        if rc != lib.FORKGUARD_OK:
-            raise self._register_error(rc, kind, address, mutex_type)
-        return int(out[0])
+        lib = self._lib
+        code = lib.FORKGUARD_MUTEX_DETECT
+        if mutex_type is not None:
+            code = self._type_codes[mutex_type]
+        cname = self._no_name if name is None else name.encode()[: lib.FG_NAME_MAX - 1]
+        handle = lib.fgpy_register(
+            self._kind_ids[kind], address, code, value, policy, timeout, cname
+        )
+        if handle < 0:
+            raise self._register_error(handle, kind, address, mutex_type)
+        return int(handle)
 
     def _register_error(
         self, rc: int, kind: str, address: int, mutex_type: str | None
@@ -291,17 +284,16 @@ class NoForkBackend:
         self,
         kind: str,
         address: int,
-        *,
         policy: int,
         timeout: float,
-        name: str,
+        name: str | None,
         mutex_type: str | None,
         value: int,
     ) -> int:
         if any(i.address == address for i in self._live.values()):
             raise ValueError(f"{C_TYPE_NAMES[kind]} at {address:#x} is already registered")
         handle = next(self._next)
-        self._live[handle] = CInfo(kind, policy, timeout, mutex_type, 0, address, name)
+        self._live[handle] = CInfo(kind, policy, timeout, mutex_type, 0, address, name or "")
         return handle
 
     def unregister(self, handle: int) -> bool:

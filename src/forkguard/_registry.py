@@ -15,7 +15,9 @@ waiting for the C registry, which the forking thread holds.
 
 from __future__ import annotations
 
+import collections
 import itertools
+import operator
 import os
 import sys
 import threading
@@ -48,6 +50,7 @@ class Registration:
         "__weakref__",
         "_active",
         "_address",
+        "_bucket",
         "_c_timeouts_seen",
         "_ended",
         "_handle",
@@ -56,6 +59,7 @@ class Registration:
         "_keepalive",
         "_key",
         "_label",
+        "_mutex_type",
         "_name",
         "_policy",
         "_pykind",
@@ -66,7 +70,7 @@ class Registration:
         "_value",
     )
 
-    def __init__(self, registry: Registry, token: int, name: str, label: str) -> None:
+    def __init__(self, registry: Registry, token: int, name: str | None, label: str) -> None:
         self._registry = registry
         self._token = token
         self._name = name
@@ -85,10 +89,14 @@ class Registration:
         self._hooks: tuple[Hook | None, Hook | None, Hook | None] | None = None
         self._hold_timeouts = 0
         self._c_timeouts_seen = 0
+        self._bucket: dict[int, Any] | None = None  # the fork hooks' list it is on
+        self._mutex_type: str | None = ""  # C mutexes: None until read from C
 
     @property
     def name(self) -> str:
         """The name given at registration, or one made from the target."""
+        if self._name is None:
+            self._name = f"{self._label} at {self._address or 0:#x}"
         return self._name
 
     @property
@@ -104,7 +112,10 @@ class Registration:
     @property
     def kind(self) -> str:
         """What is registered, e.g. ``"queue.Queue"`` or ``"pthread_mutex_t (recursive)"``."""
-        return self._label
+        if self._mutex_type is None and self._handle is not None:  # read once from C
+            info = self._registry.backend.info(self._handle)
+            self._mutex_type = (info.mutex_type if info is not None else None) or ""
+        return f"{self._label} ({self._mutex_type})" if self._mutex_type else self._label
 
     @property
     def active(self) -> bool:
@@ -149,14 +160,14 @@ class Registration:
             obj = self._ref() if self._ref is not None else None
             what = f"{self._label} at {id(obj):#x}" if obj is not None else f"{self._label} (gone)"
         else:
-            what = f"{self._label} at {self._address:#x}"
+            what = f"{self.kind} at {self._address:#x}"
         policy = ""
         if self._policy == "hold":
             policy = f", policy='hold' (timeout {self._timeout:g} s)"
         elif self._policy is not None:
             policy = ", policy='reset'"
         state = "active" if self._active else f"ended: {self._ended}"
-        return f"<forkguard.Registration {self._name!r}: {what}{policy}, {state}>"
+        return f"<forkguard.Registration {self.name!r}: {what}{policy}, {state}>"
 
     def _collected(self, _ref: object) -> None:
         """Weakref callback: the object is gone, so is its registration."""
@@ -181,8 +192,14 @@ class Registry:
     def __init__(self, backend: _backend.NativeBackend | _backend.NoForkBackend) -> None:
         self.backend = backend
         self._lock = threading.Lock()
+        # Everything, for listing; the fork hooks only walk the buckets below,
+        # so C objects (restored in C) and plain locks cost no Python per fork.
         self._objects: dict[int, Registration] = {}  # in registration order
-        self._hooks: dict[int, Registration] = {}
+        self._hooks: dict[int, Registration] = {}  # at_fork hooks
+        self._holds: dict[int, Registration] = {}  # Python objects, policy "hold"
+        self._resets: dict[int, Registration] = {}  # Python objects, policy "reset"
+        self._plain_locks: dict[int, weakref.ref[Any]] = {}  # threading.Lock, "reset"
+        self._c_holds: dict[int, Registration] = {}  # C objects, policy "hold"
         self._by_key: dict[tuple[str, int], Registration] = {}
         self._tokens = itertools.count(1)
         self._forks: dict[int, _ForkState] = {}  # by forking thread
@@ -200,15 +217,13 @@ class Registry:
         value: object = None,
         mutex_type: object = None,
     ) -> Registration:
-        checked_policy: Policy = "hold" if _targets.check_policy(policy) == "hold" else "reset"
+        hold = _targets.check_policy(policy)
         seconds = _targets.check_timeout(timeout)
-        target = _targets.classify(
-            obj, kind=kind, value=value, mutex_type=mutex_type, backend=self.backend
-        )
+        reg_name = _targets.check_name(name)
+        target = _targets.classify(obj, kind, value, mutex_type, self.backend)
         if isinstance(target, _targets.PyTarget):
             label = target.kind.label
-            where = id(target.obj)
-            if checked_policy == "hold" and not target.kind.holdable(target.obj):
+            if hold and not target.kind.holdable(target.obj):
                 raise ValueError(
                     f"policy='hold' needs an object that can be acquired, and a {label} "
                     f"cannot be (objects with __forkguard_reset__ also need "
@@ -216,38 +231,45 @@ class Registry:
                 )
         else:
             label = _backend.C_TYPE_NAMES[target.kind]
-            where = target.address
-        reg_name = _targets.check_name(name, lambda: f"{label} at {where:#x}")
 
         with self._lock:
             existing = self._by_key.get(target.key)
             if existing is not None and existing._active:
-                return self._same_registration(existing, target, checked_policy, seconds)
+                return self._same_registration(existing, target, hold, seconds)
             reg = Registration(self, next(self._tokens), reg_name, label)
-            reg._policy = checked_policy
+            reg._policy = "hold" if hold else "reset"
             reg._timeout = seconds
             reg._key = target.key
+            reg._value = target.value
             if isinstance(target, _targets.CTarget):
                 reg._handle = self.backend.register(
                     target.kind,
                     target.address,
-                    policy=_backend.POLICY_HOLD if checked_policy == "hold" else 0,
-                    timeout=seconds,
-                    name=reg_name,
-                    mutex_type=target.mutex_type,
-                    value=target.value or 0,
+                    _backend.POLICY_HOLD if hold else _backend.POLICY_RESET,
+                    seconds,
+                    reg_name,
+                    target.mutex_type,
+                    target.value or 0,
                 )
                 reg._address = target.address
                 reg._keepalive = target.keepalive
-                reg._value = target.value
-                info = self.backend.info(reg._handle)
-                if info is not None and info.mutex_type is not None:
-                    reg._label = f"{label} ({info.mutex_type})"
+                reg._mutex_type = None if target.kind == _backend.MUTEX else ""
+                bucket: dict[int, Any] | None = self._c_holds if hold else None
+                entry: object = reg
             else:
                 reg._pykind = target.kind
-                reg._value = target.value
-                reg._ref = weakref.ref(target.obj, reg._collected)
+                reg._address = id(target.obj)
+                reg._ref = entry = _targets.weak_reference(target.obj, reg._collected)
+                if hold:
+                    bucket, entry = self._holds, reg
+                elif type(target.obj) is _targets.LOCK_TYPE:
+                    bucket = self._plain_locks  # holds the weakref itself
+                else:
+                    bucket, entry = self._resets, reg
             self._objects[reg._token] = reg
+            if bucket is not None:
+                bucket[reg._token] = entry
+                reg._bucket = bucket
             self._by_key[target.key] = reg
         return reg
 
@@ -255,12 +277,12 @@ class Registry:
     def _same_registration(
         existing: Registration,
         target: _targets.PyTarget | _targets.CTarget,
-        policy: Policy,
+        hold: bool,
         timeout: float,
     ) -> Registration:
         """Registering an object again with the same options returns its registration."""
-        if (existing._policy, existing._timeout, existing._value) == (
-            policy,
+        if (existing._policy == "hold", existing._timeout, existing._value) == (
+            hold,
             timeout,
             target.value,
         ):
@@ -290,7 +312,9 @@ class Registry:
         def default_name() -> str:
             return ", ".join(getattr(h, "__qualname__", repr(h)) for h in hooks if h is not None)
 
-        reg_name = _targets.check_name(name, default_name)
+        reg_name = _targets.check_name(name)
+        if reg_name is None:
+            reg_name = default_name()
         with self._lock:
             reg = Registration(self, next(self._tokens), reg_name, "at_fork hooks")
             reg._hooks = hooks
@@ -316,6 +340,8 @@ class Registry:
         reg._active = False
         reg._ended = why
         (self._hooks if reg._hooks is not None else self._objects).pop(reg._token, None)
+        if reg._bucket is not None:
+            reg._bucket.pop(reg._token, None)
         if reg._key is not None and self._by_key.get(reg._key) is reg:
             self._by_key.pop(reg._key, None)
         reg._keepalive = None
@@ -353,16 +379,14 @@ class Registry:
     def before_fork(self) -> None:
         state = _ForkState()
         self._forks[threading.get_ident()] = state
-        for reg in reversed(self._hooks.copy().values()):
+        for reg in reversed(list(self._hooks.values())):
             _call_hook(reg, 0, state.errors)
         taken: set[int] = set()  # locks already tried this fork, by id
-        for reg in self._objects.copy().values():
+        for reg in list(self._holds.values()):
+            obj = reg._ref() if reg._ref is not None else None
+            if obj is None or reg._pykind is None:
+                continue
             kind = reg._pykind
-            if kind is None or reg._policy != "hold" or reg._ref is None:
-                continue
-            obj = reg._ref()
-            if obj is None:
-                continue
             lock_id = id(kind.hold_lock(obj))
             if lock_id in taken:
                 continue  # shared with an earlier registration: held (or tried) once
@@ -398,7 +422,7 @@ class Registry:
             _warn_timeout(repr(reg), reg._timeout, stacklevel=3)
         if state.c_timeouts:
             self._warn_c_timeouts(state.c_timeouts)
-        for reg in self._hooks.copy().values():
+        for reg in list(self._hooks.values()):
             _call_hook(reg, 1, errors)
         _raise_all(errors)
 
@@ -415,28 +439,26 @@ class Registry:
             except BaseException as exc:
                 _note(exc, f"while releasing {reg!r} in the child")
                 errors.append(exc)
-        for reg in self._objects.copy().values():
-            kind = reg._pykind
-            if kind is None or reg._token in released or reg._ref is None:
-                continue  # C objects were restored by the C child handler
-            obj = reg._ref()
-            if obj is None:
+        _reset_plain_locks(self._plain_locks, errors)
+        # C objects were restored by the C child handler; the rest are reset here.
+        # (Holds that timed out or were shared get reset too.)
+        for reg in [*self._resets.values(), *self._holds.values()]:
+            obj = reg._ref() if reg._ref is not None else None
+            if obj is None or reg._pykind is None or reg._token in released:
                 continue
             try:
-                kind.reset(obj, reg._value)
+                reg._pykind.reset(obj, reg._value)
             except BaseException as exc:  # keep going: never leave the rest locked
                 _note(exc, f"while resetting {reg!r} in the child")
                 errors.append(exc)
-        for reg in self._hooks.copy().values():
+        for reg in list(self._hooks.values()):
             _call_hook(reg, 2, errors)
         _raise_all(errors)
 
     def _warn_c_timeouts(self, count: int) -> None:
         named = 0
-        for reg in self._objects.copy().values():
-            if reg._handle is None or reg._policy != "hold":
-                continue
-            info = self.backend.info(reg._handle)
+        for reg in list(self._c_holds.values()):
+            info = self.backend.info(reg._handle) if reg._handle is not None else None
             if info is not None and info.hold_timeouts > reg._c_timeouts_seen:
                 reg._c_timeouts_seen = info.hold_timeouts
                 named += 1
@@ -444,6 +466,27 @@ class Registry:
         if named < count:
             what = f"{count - named} C object(s) registered through the C API"
             _warn_timeout(what, None, stacklevel=4)
+
+
+def _reset_plain_locks(refs: dict[int, weakref.ref[Any]], errors: list[BaseException]) -> None:
+    """Reset every live plain threading.Lock in `refs`, with no Python frame per lock."""
+    try:
+        collections.deque(
+            map(_targets.LOCK_REINIT, filter(None, map(_DEREF, refs.values()))), maxlen=0
+        )
+    except Exception:  # one failed (or the dict changed): redo them one by one
+        for ref in list(refs.values()):
+            lock = ref()
+            if lock is not None:
+                try:
+                    _targets.LOCK_REINIT(lock)
+                except BaseException as exc:
+                    errors.append(exc)
+
+
+# weakref.ref objects are callables; calling them through operator.call (3.11+)
+# keeps the loop in C.
+_DEREF: Callable[[weakref.ref[Any]], Any] = getattr(operator, "call", lambda ref: ref())
 
 
 def _call_hook(reg: Registration, phase: int, errors: list[BaseException]) -> None:

@@ -13,12 +13,10 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final
 
 from forkguard import _backend
 
-POLICIES: Final = ("reset", "hold")
 DEFAULT_TIMEOUT: Final = 1.0
 
 SUPPORTED = (
@@ -218,7 +216,9 @@ _SEMAPHORE = SemaphoreKind("threading.Semaphore")
 _BOUNDED = SemaphoreKind("threading.BoundedSemaphore")
 _EVENT = EventKind()
 
-_LOCK_TYPES: tuple[type, ...] = (type(threading.Lock()),)
+LOCK_TYPE: Final = type(threading.Lock())
+LOCK_REINIT: Final = LOCK_TYPE._at_fork_reinit  # type: ignore[attr-defined]
+_LOCK_TYPES: tuple[type, ...] = (LOCK_TYPE,)
 _RLOCK_TYPES: tuple[type, ...] = (type(threading.RLock()), threading._PyRLock)  # type: ignore[attr-defined]
 
 
@@ -226,28 +226,37 @@ _RLOCK_TYPES: tuple[type, ...] = (type(threading.RLock()), threading._PyRLock)  
 # Classification.
 
 
-@dataclass(frozen=True)
 class PyTarget:
-    obj: Any
-    kind: PyKind
-    value: int | None
+    """A recognised Python object."""
 
-    @property
-    def key(self) -> tuple[str, int]:
-        return ("py", id(self.obj))
+    __slots__ = ("key", "kind", "obj", "value")
+
+    def __init__(self, obj: Any, kind: PyKind, value: int | None) -> None:
+        self.obj = obj
+        self.kind = kind
+        self.value = value
+        self.key = ("py", id(obj))
 
 
-@dataclass(frozen=True)
 class CTarget:
-    kind: str  # _backend.MUTEX, RWLOCK or SEM
-    address: int
-    keepalive: object  # the cffi pointer, kept alive while registered
-    mutex_type: str | None
-    value: int | None  # semaphores only
+    """A recognised C object: its kind (_backend.MUTEX, RWLOCK or SEM) and address."""
 
-    @property
-    def key(self) -> tuple[str, int]:
-        return ("c", self.address)
+    __slots__ = ("address", "keepalive", "key", "kind", "mutex_type", "value")
+
+    def __init__(
+        self,
+        kind: str,
+        address: int,
+        keepalive: object,  # the cffi pointer, kept alive while registered
+        mutex_type: str | None,
+        value: int | None,  # semaphores only
+    ) -> None:
+        self.kind = kind
+        self.address = address
+        self.keepalive = keepalive
+        self.mutex_type = mutex_type
+        self.value = value
+        self.key = ("c", address)
 
 
 def _type_name(obj: object) -> str:
@@ -290,10 +299,13 @@ def _check_value(value: object, what: str) -> int:
     return value
 
 
-def check_policy(policy: object) -> str:
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise ValueError(f"policy must be 'reset' or 'hold', not {policy!r}")
-    return policy
+def check_policy(policy: object) -> bool:
+    """True for "hold", False for "reset"."""
+    if policy == "reset" and type(policy) is str:
+        return False
+    if policy == "hold" and type(policy) is str:
+        return True
+    raise ValueError(f"policy must be 'reset' or 'hold', not {policy!r}")
 
 
 def check_timeout(timeout: object) -> float:
@@ -307,17 +319,14 @@ def check_timeout(timeout: object) -> float:
     return t
 
 
-def check_name(name: object, default: Callable[[], str]) -> str:
-    if name is None:
-        return default()
-    if not isinstance(name, str):
+def check_name(name: object) -> str | None:
+    if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str or None, not {_type_name(name)}")
     return name
 
 
 def classify(
     obj: object,
-    *,
     kind: object,
     value: object,
     mutex_type: object,
@@ -335,10 +344,8 @@ def classify(
             f"mutex_type must be None or one of {', '.join(map(repr, _backend.MUTEX_TYPES))}, "
             f"not {mutex_type!r}"
         )
-    if isinstance(obj, int) and not isinstance(obj, bool):
-        return _classify_address(
-            obj, None, kind=kind, value=value, mutex_type=mutex_type, backend=backend
-        )
+    if type(obj) is int:
+        return _classify_address(obj, None, kind, value, mutex_type, backend)
     cffi_kind = _cffi_pointer_kind(obj)
     if cffi_kind is not None:
         address, ctype_kind = cffi_kind
@@ -349,53 +356,65 @@ def classify(
             )
         if ctype_kind is not None and kind is not None and kind != ctype_kind:
             raise ValueError(f"kind={kind!r} contradicts the pointer's type in {obj!r}")
-        return _classify_address(
-            address,
-            obj,
-            kind=ctype_kind or kind,
-            value=value,
-            mutex_type=mutex_type,
-            backend=backend,
-        )
+        return _classify_address(address, obj, ctype_kind or kind, value, mutex_type, backend)
     return _classify_python(obj, kind, value, mutex_type)
-
-
-def _ffi() -> Any:
-    """An FFI to inspect cdata with: cffi objects from every FFI share one backend."""
-    try:
-        from forkguard._native import ffi
-    except ImportError:  # no compiled core (platforms without fork)
-        import cffi
-
-        return cffi.FFI()
-    return ffi
 
 
 _POINTEE_KINDS: Final = {
     "pthread_mutex_t": _backend.MUTEX,
     "pthread_rwlock_t": _backend.RWLOCK,
     "sem_t": _backend.SEM,
+    "void": None,  # untyped: needs kind=
+    "char": None,
+    "unsigned char": None,
 }
+
+
+class _CData:
+    """cffi inspection, set up on first use (cdata from every FFI share one backend)."""
+
+    ffi: Any = None
+    uintptr: Any = None
+    kinds: dict[Any, str | None] = {}  # noqa: RUF012 - ctype -> kind, filled as seen
+
+    @classmethod
+    def load(cls) -> Any:
+        if cls.ffi is None:
+            try:
+                from forkguard._native import ffi
+            except ImportError:  # no compiled core (platforms without fork)
+                import cffi
+
+                ffi = cffi.FFI()
+            cls.uintptr = ffi.typeof("uintptr_t")
+            cls.ffi = ffi
+        return cls.ffi
 
 
 def _cffi_pointer_kind(obj: object) -> tuple[int, str | None] | None:
     """(address, kind or None) for a cffi pointer or array from any FFI; None otherwise."""
     if "_cffi_backend" not in sys.modules:
         return None  # no cffi object can exist yet
-    ffi = _ffi()
+    ffi = _CData.ffi or _CData.load()
     if not isinstance(obj, ffi.CData):
         return None
     ctype = ffi.typeof(obj)
+    try:
+        kind = _CData.kinds[ctype]
+    except KeyError:
+        kind = _pointee_kind(ctype)
+        _CData.kinds[ctype] = kind
+    return int(ffi.cast(_CData.uintptr, obj)), kind
+
+
+def _pointee_kind(ctype: Any) -> str | None:
     if ctype.kind not in ("pointer", "array"):
         raise TypeError(
             f"a cffi object must be a pointer to the lock, not a {ctype.kind} ({ctype.cname})"
         )
     item = ctype.item.cname.removeprefix("const ").removeprefix("volatile ").strip()
-    address = int(ffi.cast("uintptr_t", obj))
     if item in _POINTEE_KINDS:
-        return address, _POINTEE_KINDS[item]
-    if item in ("void", "char", "unsigned char"):
-        return address, None
+        return _POINTEE_KINDS[item]
     raise TypeError(
         f"cffi pointer of type {ctype.cname!r} is not a lock forkguard knows; accepted: "
         f"pthread_mutex_t *, pthread_rwlock_t *, sem_t * (or void * with kind=)"
@@ -405,7 +424,6 @@ def _cffi_pointer_kind(obj: object) -> tuple[int, str | None] | None:
 def _classify_address(
     address: int,
     keepalive: object,
-    *,
     kind: str | None,
     value: object,
     mutex_type: object,
@@ -417,9 +435,9 @@ def _classify_address(
             "to say what it points to"
         )
     ctype = _backend.C_TYPE_NAMES[kind]
-    if address == 0:
-        raise ValueError(f"NULL {ctype} pointer: forkguard needs the address of a live {ctype}")
-    if address < 0 or address >= 1 << (8 * _pointer_size()):
+    if not 0 < address < _ADDRESS_END:
+        if address == 0:
+            raise ValueError(f"NULL {ctype} pointer: forkguard needs the address of a live {ctype}")
         raise ValueError(f"{address:#x} is not a valid address for a {ctype}")
     if mutex_type is not None and kind != _backend.MUTEX:
         raise ValueError(f"mutex_type= applies only to pthread_mutex_t, not {ctype}")
@@ -437,8 +455,7 @@ def _classify_address(
     return CTarget(kind, address, keepalive, mutex_type, sem_value)  # type: ignore[arg-type]
 
 
-def _pointer_size() -> int:
-    return 8 if sys.maxsize > 2**32 else 4
+_ADDRESS_END: Final = 2**64 if sys.maxsize > 2**32 else 2**32  # one past the last address
 
 
 def _classify_python(obj: object, kind: object, value: object, mutex_type: object) -> PyTarget:
@@ -453,14 +470,6 @@ def _classify_python(obj: object, kind: object, value: object, mutex_type: objec
         raise TypeError(f"cannot register None; supported: {SUPPORTED}")
     pykind = _python_kind(obj)
     pykind.check(obj)
-    try:
-        weakref.ref(obj)
-    except TypeError:
-        raise TypeError(
-            f"cannot register {_type_name(obj)}: forkguard holds Python objects through "
-            f"weak references, which it does not support (add '__weakref__' to its "
-            f"__slots__)"
-        ) from None
     target_value: int | None = None
     if isinstance(pykind, SemaphoreKind):
         if value is None:
@@ -476,6 +485,17 @@ def _classify_python(obj: object, kind: object, value: object, mutex_type: objec
     elif value is not None:
         raise ValueError(f"value= applies only to semaphores, not {pykind.label}")
     return PyTarget(obj, pykind, target_value)
+
+
+def weak_reference(obj: object, callback: Callable[[Any], None]) -> weakref.ref[Any]:
+    try:
+        return weakref.ref(obj, callback)
+    except TypeError:
+        raise TypeError(
+            f"cannot register {_type_name(obj)}: forkguard holds Python objects through "
+            f"weak references, which it does not support (add '__weakref__' to its "
+            f"__slots__)"
+        ) from None
 
 
 def _python_kind(obj: object) -> PyKind:
