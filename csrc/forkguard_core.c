@@ -722,28 +722,32 @@ static int insert(const fg_entry *proto, const fg_template_arg *tpl, uint64_t *h
 /* The mutex type and flags, read from the C library's public struct. */
 #if defined(__linux__) && !defined(FG_PORTABLE)
 #define FG_CAN_READ_MUTEX_TYPE 1
-static int read_mutex(const pthread_mutex_t *m, int *type, int *pi)
-{
+/* The mutex's kind word: its type (low 2 bits) and flags.  Both glibc and
+ * musl initialise a mutex by zeroing it and storing this one word, so a zeroed
+ * mutex carrying the same word is exactly a fresh mutex of the same kind. */
 #if defined(__GLIBC__)
-    /* glibc: __kind = type (low 2 bits) | robust 16 | prio-inherit 32 |
-     * prio-protect 64 | process-shared 128 | elision bits. */
-    int word = ((const volatile pthread_mutex_t *)m)->__data.__kind;
-    enum { ROBUST = 16, PI = 32, PP = 64, PSHARED = 128 };
+/* glibc's __kind: robust 16, prio-inherit 32, prio-protect 64, process-shared
+ * 128, elision hints 256 and 512 (an explicit PTHREAD_MUTEX_NORMAL carries 512,
+ * so only copying the whole word reproduces the mutex exactly). */
+#define MUTEX_KIND_WORD(m) ((m)->__data.__kind)
+enum { KIND_ROBUST = 16, KIND_PP = 64, KIND_PSHARED = 128 };
 #else
-    /* musl: _m_type = type (low 2 bits) | robust 4 | prio-inherit 8 |
-     * process-shared 128. */
-    int word = ((const volatile pthread_mutex_t *)m)->__u.__i[0];
-    enum { ROBUST = 4, PI = 8, PP = 0, PSHARED = 128 };
+/* musl's _m_type: robust 4, prio-inherit 8, process-shared 128. */
+#define MUTEX_KIND_WORD(m) ((m)->__u.__i[0])
+enum { KIND_ROBUST = 4, KIND_PP = 0, KIND_PSHARED = 128 };
 #endif
+
+static int read_mutex(const pthread_mutex_t *m, int *type, int *word)
+{
+    *word = MUTEX_KIND_WORD((const volatile pthread_mutex_t *)m);
     /* Robust mutexes sit on their owner's robust list and priority-protect
      * ones keep their ceiling in the lock word: a template copy would break
      * both.  (Checked first: glibc also marks every robust mutex shared.) */
-    if (word & (ROBUST | PP))
+    if (*word & (KIND_ROBUST | KIND_PP))
         return FORKGUARD_ENOTSUP;
-    if (word & PSHARED)
+    if (*word & KIND_PSHARED)
         return FORKGUARD_ESHARED;
-    *type = word & 3;
-    *pi = (word & PI) != 0;
+    *type = *word & 3;
     return FORKGUARD_OK;
 }
 #else
@@ -755,47 +759,12 @@ int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type)
     if (mutex == NULL || mutex_type == NULL)
         return FORKGUARD_ENULL;
 #if FG_CAN_READ_MUTEX_TYPE
-    int pi;
-    return read_mutex(mutex, mutex_type, &pi);
+    int word;
+    return read_mutex(mutex, mutex_type, &word);
 #else
     return FORKGUARD_ENOTSUP;
 #endif
 }
-
-#if FG_RESET_BY_COPY
-static int mutex_template(pthread_mutex_t *tpl, int type, int pi)
-{
-    int posix_type;
-    switch (type) {
-    case FORKGUARD_MUTEX_NORMAL:
-        posix_type = PTHREAD_MUTEX_NORMAL;
-        break;
-    case FORKGUARD_MUTEX_RECURSIVE:
-        posix_type = PTHREAD_MUTEX_RECURSIVE;
-        break;
-    case FORKGUARD_MUTEX_ERRORCHECK:
-        posix_type = PTHREAD_MUTEX_ERRORCHECK;
-        break;
-    default:
-#if defined(__GLIBC__)
-        posix_type = PTHREAD_MUTEX_ADAPTIVE_NP;
-        break;
-#else
-        return FORKGUARD_ENOTSUP;
-#endif
-    }
-    pthread_mutexattr_t attr;
-    if (pthread_mutexattr_init(&attr) != 0)
-        return FORKGUARD_ENOMEM;
-    int rc = FORKGUARD_OK;
-    if (pthread_mutexattr_settype(&attr, posix_type) != 0 ||
-        (pi && pthread_mutexattr_setprotocol(&attr, PTHREAD_PRIO_INHERIT) != 0) ||
-        pthread_mutex_init(tpl, &attr) != 0)
-        rc = FORKGUARD_ENOTSUP;
-    pthread_mutexattr_destroy(&attr);
-    return rc;
-}
-#endif
 
 int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
                       double timeout, const char *name, uint64_t *handle)
@@ -806,10 +775,9 @@ int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
         return rc;
     if (mutex_type < FORKGUARD_MUTEX_DETECT || mutex_type > FORKGUARD_MUTEX_ADAPTIVE)
         return FORKGUARD_EINVAL;
-    int pi = 0;
 #if FG_CAN_READ_MUTEX_TYPE
-    int actual;
-    if ((rc = read_mutex(mutex, &actual, &pi)) != FORKGUARD_OK)
+    int actual, word;
+    if ((rc = read_mutex(mutex, &actual, &word)) != FORKGUARD_OK)
         return rc;
     if (mutex_type != FORKGUARD_MUTEX_DETECT && mutex_type != actual)
         return FORKGUARD_ETYPE;
@@ -825,11 +793,9 @@ int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
     fg_template tpl;
     memset(&tpl, 0, sizeof tpl);
     tpl.size = sizeof(pthread_mutex_t);
-    if ((rc = mutex_template(&tpl.u.mutex, mutex_type, pi)) != FORKGUARD_OK)
-        return rc;
+    MUTEX_KIND_WORD(&tpl.u.mutex) = word;
     return insert(&e, &tpl, handle);
 #else
-    (void)pi;
     return insert(&e, NULL, handle);
 #endif
 }

@@ -290,3 +290,35 @@ def test_handles_are_generational(ext: ModuleType) -> None:
         assert hooks.lib.fg_unregister(2**64 - 1) == hooks.lib.FORKGUARD_ESTALE
     finally:
         assert hooks.lib.fg_unregister(reused) == 0
+
+
+@needs_linux
+@pytest.mark.parametrize(
+    "type_name",
+    ["DEFAULT", "PTHREAD_MUTEX_NORMAL", "PTHREAD_MUTEX_RECURSIVE", "PTHREAD_MUTEX_ERRORCHECK"],
+)
+def test_child_gets_the_exact_bytes_of_a_fresh_mutex(
+    ext: ModuleType, holders: Holders, type_name: str
+) -> None:
+    """A held mutex comes back byte for byte as it was when free, and a free one is
+    left exactly as it is (glibc's explicit NORMAL differs from the default in its
+    elision bit: a template built from the type alone would change it)."""
+    lib, ffi = ext.lib, ext.ffi
+    if type_name == "DEFAULT":
+        held, free = ext.ffi.new("pthread_mutex_t *"), ext.ffi.new("pthread_mutex_t *")
+        lib.pthread_mutex_init(held, ffi.NULL)
+        lib.pthread_mutex_init(free, ffi.NULL)
+    else:
+        held = lib.mutex_new(getattr(lib, type_name), 0, 0)
+        free = lib.mutex_new(getattr(lib, type_name), 0, 0)
+    fresh = bytes(ffi.buffer(held))
+    holders.hold((lib.K_MUTEX, held, 1))
+    assert bytes(ffi.buffer(held)) != fresh  # locked: the bytes changed
+    with forkguard.register(held), forkguard.register(free):
+
+        def child() -> None:
+            assert bytes(ffi.buffer(held)) == fresh
+            assert bytes(ffi.buffer(free)) == fresh
+
+        result = run_in_child(child, deadline=OK)
+        assert result.status == "ok", result.detail
