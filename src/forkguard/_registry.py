@@ -345,6 +345,11 @@ class Registry:
         if reg._key is not None and self._by_key.get(reg._key) is reg:
             self._by_key.pop(reg._key, None)
         reg._keepalive = None
+        if reg._ref is not None and why != "collected":
+            # The weak reference's callback refers back to `reg`: swap it for a plain
+            # one, so an ended registration is freed now, not at the next cyclic GC.
+            obj = reg._ref()
+            reg._ref = weakref.ref(obj) if obj is not None else None
 
     def registrations(self) -> list[Registration]:
         """Python-made registrations in registration order, then those made through
