@@ -322,3 +322,4 @@ def test_child_gets_the_exact_bytes_of_a_fresh_mutex(
 
         result = run_in_child(child, deadline=OK)
         assert result.status == "ok", result.detail
+    holders.stop()  # before `held` is freed (it may be owned by this function)
