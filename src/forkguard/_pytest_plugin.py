@@ -1,0 +1,35 @@
+"""forkguard's pytest plugin (entry point ``pytest11: forkguard``): the ``fork_stress``
+fixture and the ``--fork-storm-forks`` option."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from forkguard import testing
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.getgroup("forkguard").addoption(
+        "--fork-storm-forks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="forks per storm made through the fork_stress fixture, where the test "
+        "does not pass forks= (default: 500)",
+    )
+
+
+@pytest.fixture
+def fork_stress(request: pytest.FixtureRequest) -> Callable[..., testing.StressReport]:
+    """forkguard.testing.fork_stress, with ``forks`` defaulting to ``--fork-storm-forks``."""
+    if not hasattr(os, "fork"):
+        pytest.skip("fork_stress needs os.fork()")
+    forks: Any = request.config.getoption("fork_storm_forks")
+    if forks is None:
+        return testing.fork_stress
+    return functools.partial(testing.fork_stress, forks=forks)
