@@ -59,6 +59,8 @@ void pair_stop(pair_t *p);
 int c_fork_pair_equal(pair_t *p, int deadline_s);
 pthread_mutex_t *pair_mutex(pair_t *p);
 
+void churn(int kind, void *obj, int depth, int rounds);
+
 void hook_prepare(void *arg);
 void hook_parent(void *arg);
 void hook_child(void *arg);
@@ -139,6 +141,19 @@ static void give(int kind, void *obj)
     case K_MUTEX: pthread_mutex_unlock(obj); break;
     case K_WRLOCK: case K_RDLOCK: pthread_rwlock_unlock(obj); break;
     default: sem_post(obj); break;
+    }
+}
+
+/* Take and give back `rounds` times, `depth` deep, with a little work inside:
+ * the storm's workload, called with the GIL released. */
+void churn(int kind, void *obj, int depth, int rounds)
+{
+    for (int r = 0; r < rounds; r++) {
+        for (int d = 0; d < depth; d++)
+            take(kind, obj);
+        for (volatile int spin = 0; spin < 200; spin++) {}
+        for (int d = 0; d < depth; d++)
+            give(kind, obj);
     }
 }
 
@@ -317,6 +332,46 @@ def build(directory: Path, name: str = "_fgtest_native") -> ModuleType:
     ffi.set_source(name, SOURCE, libraries=["pthread"] if sys.platform.startswith("linux") else [])
     path = ffi.compile(tmpdir=str(directory))
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CORE_CDEF = """
+typedef ... pthread_mutex_t; typedef ... pthread_rwlock_t; typedef ... sem_t;
+typedef void (*forkguard_hook)(void *arg);
+int fg_register_mutex(pthread_mutex_t *, int, int, double, const char *, uint64_t *);
+int fg_register_rwlock(pthread_rwlock_t *, int, double, const char *, uint64_t *);
+int fg_register_sem(sem_t *, unsigned int, int, double, const char *, uint64_t *);
+int fg_register_hooks(forkguard_hook, forkguard_hook, forkguard_hook, void *, const char *,
+                      uint64_t *);
+int fg_unregister(uint64_t);
+int fg_is_active(uint64_t);
+size_t fg_count(void);
+int fg_features(void);
+"""
+
+
+def build_core(directory: Path, csrc: Path, macros: list[tuple[str, str]]) -> ModuleType:
+    """A private copy of forkguard's C core compiled with `macros`, as module ``_fg_core``.
+
+    It installs its own pthread_atfork handlers: use it in a process of its own.
+    """
+    from cffi import FFI
+
+    ffi = FFI()
+    ffi.cdef(CORE_CDEF)
+    ffi.set_source(
+        "_fg_core",
+        '#include "forkguard_core.h"',
+        sources=[str(csrc / "forkguard_core.c")],
+        include_dirs=[str(csrc), str(csrc.parent / "src" / "forkguard" / "include")],
+        define_macros=macros,
+        extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-Werror"],
+    )
+    path = ffi.compile(tmpdir=str(directory))
+    spec = importlib.util.spec_from_file_location("_fg_core", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -13,7 +13,7 @@ from forking import run_in_child
 
 OK = 20.0
 FORKS = 40
-WORKERS = 4
+WORKERS = 8
 
 
 def _churn(
