@@ -262,3 +262,114 @@ def test_unregistering_from_a_late_fork_hook_is_refused(ext: ModuleType) -> None
     finally:
         _REGISTRY.after_fork_in_parent()
     assert reg.unregister()
+
+
+class _FullCore:
+    """The C core as seen when its registry is full (the real limit, 16.7 million
+    registrations, is reached in test_portable_core.py with a small-limit build)."""
+
+    def __init__(self, lib: Any) -> None:
+        self._real = lib
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def fgpy_register(self, *args: Any) -> int:
+        return int(self._real.FORKGUARD_ENOMEM)
+
+
+def test_full_registry_is_a_memory_error(
+    ext: ModuleType, unchanged: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = _REGISTRY.backend
+    monkeypatch.setattr(backend, "_lib", _FullCore(backend._lib))  # type: ignore[union-attr]
+    mutex = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    with pytest.raises(MemoryError, match=r"registry is full \(at most 16,777,216"):
+        forkguard.register(mutex, mutex_type="normal")
+
+
+def test_many_registrations_use_bounded_memory(ext: ModuleType) -> None:
+    """20,000 Python locks and 20,000 C mutexes registered and unregistered three
+    times: what stays is the registry's tables (sized for the peak), the same every
+    round, and the C slots are reused."""
+    import tracemalloc
+
+    lib = ext.lib
+    count = 20_000
+    locks = [threading.Lock() for _ in range(count)]
+    mutexes = [lib.mutex_new(lib.PTHREAD_MUTEX_NORMAL, 0, 0) for _ in range(count)]
+    slots: list[set[int]] = []
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        peaks, after = [], []
+        for _ in range(3):
+            regs = [forkguard.register(lock) for lock in locks]
+            regs += [forkguard.register(m, mutex_type="normal") for m in mutexes]
+            assert len(forkguard.registrations()) == 2 * count
+            peaks.append(tracemalloc.get_traced_memory()[0] - start)
+            used = {reg._handle & 0xFFFFFFFF for reg in regs[count:]}  # type: ignore[operator]
+            if slots:
+                assert used == slots[0]  # the same C slots, reused
+            else:
+                slots.append(used)
+            del used
+            for reg in regs:
+                assert reg.unregister()
+            del regs
+            after.append(tracemalloc.get_traced_memory()[0] - start)
+    finally:
+        tracemalloc.stop()
+        for m in mutexes:
+            lib.lock_free(m)
+    assert after[2] - after[0] < 64 * 1024, after  # nothing kept per round
+    assert after[0] < peaks[0] / 2, (after, peaks)  # registrations are freed, not kept
+
+
+def test_an_ended_registration_is_freed_at_once() -> None:
+    """No reference cycle keeps an unregistered Registration (or its weak reference
+    on a still-living object) waiting for the cyclic GC."""
+    import gc
+    import weakref
+
+    lock = threading.Lock()
+    gc.disable()
+    try:
+        reg = forkguard.register(lock)
+        assert reg.unregister()
+        gone = weakref.ref(reg)
+        del reg
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("hooks", "match"),
+    [
+        ({}, "at_fork\\(\\) needs at least one of before, after_in_parent, after_in_child"),
+        ({"before": 3}, "before must be callable or None, not int"),
+        ({"after_in_child": "f"}, "after_in_child must be callable or None, not str"),
+    ],
+)
+def test_at_fork_needs_callables(hooks: dict[str, Any], match: str, unchanged: None) -> None:
+    with pytest.raises(TypeError, match=match):
+        forkguard.at_fork(**hooks)
+
+
+def test_docs_table_and_tests_agree() -> None:
+    """docs/bad-input.md lists every case above, and every test it names exists."""
+    import re
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    text = (tests.parent / "docs" / "bad-input.md").read_text()
+    first_table = text.split("## `forkguard.register()`")[1].split("\n\n")[1]
+    listed = set(re.findall(r"^\| (.*?) \|", first_table, re.M)) - {"case", "---"}
+    cases = {c.strip("`") for row in listed for c in row.split(", ")}
+    assert cases == set(PY_CASES)
+    sources = {p.name: p.read_text() for p in tests.glob("test_*.py")}
+    for name in re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)`", text):
+        module, function = name
+        where = [sources[module]] if module else list(sources.values())
+        assert any(f"def {function}(" in src for src in where), name

@@ -1,11 +1,13 @@
-"""The C core's non-Linux path (macOS: restore by re-initialising in place, holds by
-polling, mutex types given by the caller), compiled with FG_PORTABLE and run here.
+"""Other builds of the C core, run here: the non-Linux path (macOS: restore by
+re-initialising in place, holds by polling, mutex types given by the caller) compiled
+with FG_PORTABLE, and a registry limit small enough to reach.
 
-It is a second copy of the core, so it runs in a subprocess of its own.
+Each is a second copy of the core, so it runs in a subprocess of its own.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -22,36 +24,15 @@ pytestmark = [
     pytest.mark.skipif(not (CSRC / "forkguard_core.c").exists(), reason="needs the source tree"),
 ]
 
-SCRIPT = r"""
-import os, sys
+PROLOGUE = r"""
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import native
-from cffi import FFI
 from pathlib import Path
 
-work = Path(sys.argv[2])
+work, csrc = Path(sys.argv[2]), Path(sys.argv[3])
 ext = native.build(work / "ext")
-ffi = FFI()
-ffi.cdef('''
-typedef ... pthread_mutex_t; typedef ... pthread_rwlock_t; typedef ... sem_t;
-int fg_register_mutex(pthread_mutex_t *, int, int, double, const char *, uint64_t *);
-int fg_register_rwlock(pthread_rwlock_t *, int, double, const char *, uint64_t *);
-int fg_register_sem(sem_t *, unsigned int, int, double, const char *, uint64_t *);
-int fg_unregister(uint64_t);
-int fg_features(void);
-''')
-ffi.set_source(
-    "_fg_portable",
-    '#include "forkguard_core.h"',
-    sources=[sys.argv[3] + "/forkguard_core.c"],
-    include_dirs=[sys.argv[3], sys.argv[3] + "/../src/forkguard/include"],
-    define_macros=[("FG_PORTABLE", "1")],
-    extra_compile_args=["-std=c11", "-Wall", "-Wextra", "-Werror"],
-)
-import importlib.util
-path = ffi.compile(tmpdir=str(work / "core"))
-spec = importlib.util.spec_from_file_location("_fg_portable", path)
-core = importlib.util.module_from_spec(spec); spec.loader.exec_module(core)
+core = native.build_core(work / "core", csrc, [tuple(m) for m in json.loads(sys.argv[4])])
 lib, L, ffi = core.lib, ext.lib, core.ffi
 
 def address(p):
@@ -66,7 +47,9 @@ def status(st):
     if os.WIFEXITED(st):
         return "ok" if os.WEXITSTATUS(st) == 0 else "failed"
     return "hung" if os.WIFSIGNALED(st) else "?"
+"""
 
+PORTABLE = r"""
 assert lib.fg_features() == 0, lib.fg_features()  # no type reading, no sems, polling holds
 m = L.mutex_new(L.PTHREAD_MUTEX_RECURSIVE, 0, 0)
 assert reg_mutex(m, -1)[0] == -7  # FORKGUARD_ENOTSUP: the type must be given here
@@ -96,18 +79,59 @@ assert rc == 0
 results = [status(L.c_fork_pair_equal(pair, 10)) for _ in range(20)]
 assert results == ["ok"] * 20, results  # held by polling: never torn
 L.pair_stop(pair)
-print("portable core ok")
+print("core ok")
+"""
+
+LIMIT = r"""
+ENOMEM = -4
+mutexes = [L.mutex_new(L.PTHREAD_MUTEX_NORMAL, 0, 0) for _ in range(65)]
+handles = []
+for m in mutexes[:64]:
+    rc, handle = reg_mutex(m, 0)
+    assert rc == 0, rc
+    handles.append(handle)
+# Full: a 65th registration of any kind is refused and changes nothing.
+assert reg_mutex(mutexes[64], 0) == (ENOMEM, 0)
+out = ffi.new("uint64_t *")
+hook_address = int(ext.ffi.cast("uintptr_t", ext.ffi.addressof(L, "hook_child")))
+hook = ffi.cast("forkguard_hook", hook_address)
+assert lib.fg_register_hooks(ffi.NULL, ffi.NULL, hook, ffi.NULL, b"h", out) == ENOMEM
+assert lib.fg_count() == 64 and all(lib.fg_is_active(h) == 1 for h in handles)
+# Every registered mutex is still restored: hold them all in a native thread.
+kinds = ext.ffi.new("int[]", [L.K_MUTEX] * 8)
+for start in range(0, 64, 8):
+    objs = ext.ffi.new("void *[]", mutexes[start:start + 8])
+    depths = ext.ffi.new("int[]", [1] * 8)
+    h = L.holder_start(8, kinds, objs, depths)
+    assert status(L.c_fork_lock_all(8, kinds, objs, depths, 10)) == "ok"
+    L.holder_stop(h)
+# A freed slot is used again: memory is bounded by the live registrations.
+assert lib.fg_unregister(handles[0]) == 0
+rc, handle = reg_mutex(mutexes[64], 0)
+assert rc == 0 and (handle & 0xFFFFFFFF) == (handles[0] & 0xFFFFFFFF), (handle, handles[0])
+assert lib.fg_count() == 64
+print("core ok")
 """
 
 
-def test_portable_core_path(tmp_path: Path) -> None:
+def _run(tmp_path: Path, body: str, macros: list[tuple[str, str]]) -> None:
     tests = Path(__file__).resolve().parent
+    script = textwrap.dedent(PROLOGUE) + textwrap.dedent(body)
+    args = [str(tests), str(tmp_path), str(CSRC), json.dumps(macros)]
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tests), str(tmp_path), str(CSRC)],
+        [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "portable core ok" in done.stdout
+    assert "core ok" in done.stdout
+
+
+def test_portable_core_path(tmp_path: Path) -> None:
+    _run(tmp_path, PORTABLE, [("FG_PORTABLE", "1")])
+
+
+def test_full_registry_refuses_and_changes_nothing(tmp_path: Path) -> None:
+    _run(tmp_path, LIMIT, [("FG_MAX_ENTRIES", "64")])
