@@ -5,6 +5,10 @@ setup.py names this file in ``cffi_modules``.  Environment switches:
 FORKGUARD_PORTABLE=1
     Compile the core's non-Linux code path (restore by re-initialising in
     place, holds by polling), so it can be tested on Linux.
+FORKGUARD_SANITIZE=1
+    Compile and link the core with AddressSanitizer and UndefinedBehaviorSanitizer
+    (any report aborts).  Python itself is not instrumented, so the ASan runtime
+    must be preloaded: see docs/testing.md.
 """
 
 from __future__ import annotations
@@ -136,24 +140,34 @@ static int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsign
 """
 
 
-def _flags() -> tuple[list[str], list[tuple[str, str | None]]]:
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+
+
+def _flags() -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
     compile_args = ["-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"]
+    link_args: list[str] = []
     macros: list[tuple[str, str | None]] = []
     if os.environ.get("FORKGUARD_PORTABLE") == "1":
         macros.append(("FG_PORTABLE", "1"))
-    return compile_args, macros
+    if os.environ.get("FORKGUARD_SANITIZE") == "1":
+        compile_args += [*SANITIZE, "-g", "-O1"]
+        link_args += SANITIZE
+    return compile_args, link_args, macros
 
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-_args, _macros = _flags()
+_args, _link_args, _macros = _flags()
 ffibuilder.set_source(
     "forkguard._native",
-    PREAMBLE,
+    # The switches are written into the generated C file: when they change, so does
+    # the file, and setuptools recompiles instead of reusing an older build/.
+    f"/* flags: {' '.join(_args + _link_args)} {_macros} */\n{PREAMBLE}",
     sources=[os.path.relpath(HERE / "forkguard_core.c")],
     depends=[os.path.relpath(HERE / "forkguard_core.h"), os.path.relpath(INCLUDE / "forkguard.h")],
     include_dirs=[os.path.relpath(HERE), os.path.relpath(INCLUDE)],
     extra_compile_args=_args,
+    extra_link_args=_link_args,
     define_macros=_macros,
     libraries=["pthread"] if sys.platform.startswith("linux") else [],
 )
