@@ -1,4 +1,8 @@
-"""Build hook: compiles forkguard's C core with cffi.  Metadata is in pyproject.toml."""
+"""Build hook: compiles forkguard's C core with cffi.  Metadata is in pyproject.toml.
+
+Build switches, read by csrc/ffibuild.py: FORKGUARD_SANITIZE=1 (ASan + UBSan, see
+docs/testing.md), FORKGUARD_PORTABLE=1 (the non-Linux code path, for testing).
+"""
 
 import os
 
