@@ -21,6 +21,10 @@ from forkguard.testing import StressReport
 
 Stress = Callable[..., StressReport]
 
+# Take-and-release rounds per C call (about a millisecond, the GIL released): long
+# enough that workers are still inside, holding, while the main thread forks.
+ROUNDS = 2000
+
 
 class Objects:
     """One of each: C mutexes (normal, recursive), an rwlock, a semaphore, and the
@@ -49,19 +53,25 @@ class Objects:
         stack.enter_context(forkguard.register(self.sem, value=2))
 
     def step_for(self, index: int) -> Callable[[], None]:
-        """Thread `index`'s workload: one operation on each object, from its own start."""
+        """Thread `index`'s workload: even threads work the C objects (in C, the GIL
+        released), odd ones the Python objects; one operation on each, from its own start."""
         lib = self.ext.lib
-        ops: list[Callable[[], Any]] = [
-            lambda: lib.churn(lib.K_MUTEX, self.mutex, 1, 20),
-            lambda: lib.churn(lib.K_MUTEX, self.recursive, 2, 20),
-            lambda: lib.churn(lib.K_WRLOCK if index % 2 else lib.K_RDLOCK, self.rwlock, 1, 20),
-            lambda: lib.churn(lib.K_SEM, self.sem, 1, 20),
+        rw_kind = lib.K_WRLOCK if index % 4 else lib.K_RDLOCK
+        c_ops: list[Callable[[], Any]] = [
+            lambda: lib.churn(lib.K_MUTEX, self.mutex, 1, ROUNDS),
+            lambda: lib.churn(lib.K_MUTEX, self.recursive, 2, ROUNDS),
+            lambda: lib.churn(rw_kind, self.rwlock, 1, ROUNDS),
+            lambda: lib.churn(lib.K_SEM, self.sem, 1, ROUNDS),
+        ]
+        py_ops: list[Callable[[], Any]] = [
             self._use_lock,
             self._use_rlock,
             self._use_condition,
             lambda: self._use_queue(index),
         ]
-        ops = ops[index % len(ops) :] + ops[: index % len(ops)]
+        ops = py_ops if index % 2 else c_ops
+        start = (index // 2) % len(ops)
+        ops = ops[start:] + ops[:start]
 
         def step() -> None:
             for op in ops:
