@@ -41,9 +41,9 @@ def test_run_in_child_verdicts() -> None:
     held.release()
 
 
-@pytest.mark.parametrize("deadline", [0, -1, float("nan")])
-def test_run_in_child_refuses_a_bad_deadline(deadline: float) -> None:
-    with pytest.raises(ValueError, match="deadline must be a number of seconds > 0"):
+@pytest.mark.parametrize("deadline", [0, -1, float("nan"), float("inf"), "5", None])
+def test_run_in_child_refuses_a_bad_deadline(deadline: Any) -> None:
+    with pytest.raises(ValueError, match="deadline must be a finite number of seconds > 0"):
         run_in_child(lambda: None, deadline=deadline)
 
 
@@ -109,6 +109,7 @@ def test_fork_stress_does_not_start_without_every_worker() -> None:
         ({"forks": True}, ValueError, "forks must be an int >= 0, not True"),
         ({"max_problems": 0}, ValueError, "max_problems must be None or an int >= 1"),
         ({"child_check": None}, TypeError, "setup and child_check must be callable"),
+        ({"deadline": 0}, ValueError, "deadline must be a finite number of seconds > 0"),
     ],
 )
 def test_fork_stress_refuses_bad_arguments(

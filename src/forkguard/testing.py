@@ -17,6 +17,7 @@ Everything here forks; it is POSIX only.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import signal
@@ -57,8 +58,7 @@ def run_in_child(check: Callable[[], object], *, deadline: float = 20.0) -> Chil
     The child never returns into the caller: it leaves with ``os._exit``.  A child
     still alive ``deadline`` + 10 s later (its alarm blocked) is killed by the parent.
     """
-    if not deadline > 0:
-        raise ValueError(f"deadline must be a number of seconds > 0, not {deadline!r}")
+    _check_deadline(deadline)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -68,6 +68,11 @@ def run_in_child(check: Callable[[], object], *, deadline: float = 20.0) -> Chil
     with os.fdopen(read_end, "rb") as pipe:
         detail = pipe.read().decode(errors="replace")
     return _result(status, detail, deadline)
+
+
+def _check_deadline(deadline: object) -> None:
+    if not (isinstance(deadline, (int, float)) and 0 < deadline < math.inf):
+        raise ValueError(f"deadline must be a finite number of seconds > 0, not {deadline!r}")
 
 
 def _child(check: Callable[[], object], deadline: float, read_end: int, write_end: int) -> None:
@@ -103,7 +108,9 @@ def _wait(pid: int, limit: float) -> int:
                 os.kill(pid, signal.SIGKILL)
                 return os.waitpid(pid, 0)[1]
             if pidfd is not None:  # readable when the child exits: no polling
-                select.select([pidfd], [], [], left)
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                poller.poll(max(1, int(left * 1000)))
             else:
                 time.sleep(min(left, 0.001))
     finally:
@@ -218,6 +225,7 @@ def fork_stress(
     :class:`StressReport`; it never raises for a bad child.
     """
     _check_stress_arguments(setup, child_check, threads, forks, max_problems)
+    _check_deadline(deadline)
     report = StressReport(requested=forks, threads=threads)
     started = time.monotonic()
     with _Workers(setup, report, deadline + _GRACE) as workers:
