@@ -211,7 +211,7 @@ class RegistryModel(RuleBasedStateMachine):
         assert _REGISTRY.backend.count() == self.c_count + c_live
 
     def teardown(self) -> None:
-        for reg in self.live.values():
+        for reg in forkguard.registrations():  # also one a failed step left unrecorded
             reg.unregister()
         lib = self.ext.lib
         for kind, obj in self.objects.values():

@@ -13,10 +13,17 @@ import pytest
 from forkguard import testing
 
 
+def _forks(text: str) -> int:
+    number = int(text)
+    if number < 0:
+        raise ValueError(f"--fork-storm-forks must be >= 0, not {number}")
+    return number
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.getgroup("forkguard").addoption(
         "--fork-storm-forks",
-        type=int,
+        type=_forks,
         default=None,
         metavar="N",
         help="forks per storm made through the fork_stress fixture, where the test "

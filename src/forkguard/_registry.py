@@ -349,7 +349,8 @@ class Registry:
             # The weak reference's callback refers back to `reg`: swap it for a plain
             # one, so an ended registration is freed now, not at the next cyclic GC.
             obj = reg._ref()
-            reg._ref = weakref.ref(obj) if obj is not None else None
+            if obj is not None:
+                reg._ref = weakref.ref(obj)
 
     def registrations(self) -> list[Registration]:
         """Python-made registrations in registration order, then those made through

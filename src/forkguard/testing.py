@@ -65,9 +65,18 @@ def run_in_child(check: Callable[[], object], *, deadline: float = 20.0) -> Chil
         _child(check, deadline, read_end, write_end)  # does not return
     os.close(write_end)
     status = _wait(pid, deadline + _GRACE)
-    with os.fdopen(read_end, "rb") as pipe:
-        detail = pipe.read().decode(errors="replace")
-    return _result(status, detail, deadline)
+    # Only what is already in the pipe: a process the child forked may still hold the
+    # write end open, and waiting for it would escape the deadline.
+    os.set_blocking(read_end, False)
+    chunks = []
+    try:
+        while chunk := os.read(read_end, 65536):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(read_end)
+    return _result(status, b"".join(chunks).decode(errors="replace"), deadline)
 
 
 def _check_deadline(deadline: object) -> None:
