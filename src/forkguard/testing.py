@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["ChildResult", "StressReport", "fork_stress", "run_in_child"]
+__all__ = ["ChildResult", "StressReport", "fork_stress", "run_in_child", "verdict"]
 
 Status = Literal["ok", "failed", "hung", "crashed"]
 
@@ -107,6 +107,9 @@ def _wait(pid: int, limit: float) -> int:
     """waitpid() for `pid`, killing it if it is still alive after `limit` seconds."""
     give_up = time.monotonic() + limit
     pidfd = _pidfd(pid)
+    poller = select.poll()
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)  # readable when the child exits
     try:
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -116,9 +119,7 @@ def _wait(pid: int, limit: float) -> int:
             if left <= 0:
                 os.kill(pid, signal.SIGKILL)
                 return os.waitpid(pid, 0)[1]
-            if pidfd is not None:  # readable when the child exits: no polling
-                poller = select.poll()
-                poller.register(pidfd, select.POLLIN)
+            if pidfd is not None:
                 poller.poll(max(1, int(left * 1000)))
             else:
                 time.sleep(min(left, 0.001))
@@ -138,13 +139,23 @@ def _pidfd(pid: int) -> int | None:
     return fd
 
 
-def _result(status: int, detail: str, deadline: float) -> ChildResult:
+def verdict(status: int) -> Status:
+    """A waitpid() status in ChildResult's words (for children forked elsewhere, say
+    from C): exit 0 is "ok", another exit "failed", SIGALRM or SIGKILL "hung", any
+    other signal "crashed"."""
     if os.WIFEXITED(status):
-        return ChildResult("ok" if os.WEXITSTATUS(status) == 0 else "failed", detail)
-    sig = os.WTERMSIG(status)
-    if sig in (signal.SIGALRM, signal.SIGKILL):
-        return ChildResult("hung", f"killed by {signal.Signals(sig).name} after {deadline:g} s")
-    return ChildResult("crashed", f"killed by {signal.Signals(sig).name}\n{detail}".rstrip())
+        return "ok" if os.WEXITSTATUS(status) == 0 else "failed"
+    return "hung" if os.WTERMSIG(status) in (signal.SIGALRM, signal.SIGKILL) else "crashed"
+
+
+def _result(status: int, detail: str, deadline: float) -> ChildResult:
+    word = verdict(status)
+    if word in ("ok", "failed"):
+        return ChildResult(word, detail)
+    name = signal.Signals(os.WTERMSIG(status)).name
+    if word == "hung":
+        return ChildResult("hung", f"killed by {name} after {deadline:g} s")
+    return ChildResult("crashed", f"killed by {name}\n{detail}".rstrip())
 
 
 @dataclass
