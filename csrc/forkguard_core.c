@@ -1,12 +1,35 @@
 /*
  * forkguard core: the registry and the one pthread_atfork registration.
  *
- * Fork timeline (see docs/design.md):
- *   prepare  registry locked; prepare hooks (newest first); holds taken
- *            (oldest first, each bounded by its timeout)
- *   parent   holds released; parent hooks (oldest first); registry unlocked
- *   child    every object restored to its initial state (oldest first); child
- *            hooks (oldest first); registry lock re-created
+ * Two locks, always taken in this order (docs/design.md, "Lock order"):
+ *
+ *   win.lock   the fork window: held by a forking thread from forkguard's
+ *              prepare handler to its parent handler (prepare hooks, holds,
+ *              the fork, parent hooks), and briefly by code that adds or
+ *              removes hooks or hold-policy objects.  Guards win.hooks and
+ *              win.holds.
+ *   reg.lock   the registry: slots, index, restore array.  Held only for
+ *              short sections that run no foreign code and wait for nothing
+ *              but malloc, and by a forking thread across fork() itself
+ *              (from the end of its prepare handler to the start of its
+ *              parent handler), so that the child inherits it untorn.
+ *
+ * Neither is ever held while waiting for the GIL or running Python: Python's
+ * os.fork() hooks do not touch either, and C hooks must not call Python (the
+ * forking thread of os.fork() holds the GIL throughout the window anyway).
+ * Registering or unregistering a reset-policy object takes reg.lock only, so
+ * it never waits for hooks or holds; hooks and hold-policy objects take
+ * win.lock too, so they wait for a fork in progress (bounded by its holds'
+ * timeouts and its hooks), which is what keeps a hook from running, or a held
+ * lock from being unlocked, after its unregistration returned.
+ *
+ * Fork timeline:
+ *   prepare  win.lock; prepare hooks (newest first); holds taken (oldest
+ *            first, each bounded by its timeout); reg.lock
+ *   parent   reg.lock released; holds released; parent hooks (oldest first);
+ *            win.lock released
+ *   child    every object restored (the forking thread keeps what it owned);
+ *            holds released; both locks re-created; child hooks (oldest first)
  *
  * The child handler runs in a process whose other threads have vanished,
  * possibly while they held malloc's or any other lock.  It therefore
@@ -27,15 +50,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 
 /*
  * How an object is restored in the child.  On Linux (glibc and musl) a freshly
- * initialised mutex, rwlock or semaphore holds no pointer to itself, so a copy
- * of one initialised at registration time is exactly what pthread_*_init would
- * write, and copying it is a plain memcpy.  Elsewhere (macOS) the layout may
- * depend on the object's address, so the child calls the init function in
- * place instead.  Defining FG_PORTABLE selects the second path on Linux too, so
- * it can be compiled and tested here.
+ * initialised mutex, rwlock or semaphore holds no pointer to itself: a mutex is
+ * zeroes plus its kind word, and a copy of an rwlock or semaphore initialised
+ * at registration time is exactly what pthread_*_init would write.  Elsewhere
+ * (macOS) the layout may depend on the object's address, so the child calls
+ * the init function in place instead.  Defining FG_PORTABLE selects the second
+ * path on Linux too, so it can be compiled and tested here.
  */
 #if defined(__linux__) && !defined(FG_PORTABLE)
 #define FG_RESET_BY_COPY 1
@@ -45,17 +72,33 @@
 #define FG_HAVE_TIMEDLOCK 0
 #endif
 
+/* Where the C library records who owns a mutex or write-holds an rwlock, so
+ * that what the forking thread owns stays owned in the child.  glibc's public
+ * struct names the fields; init_process() checks them at run time before the
+ * owner rule is switched on (owner_rule).  Other C libraries: every held
+ * object is released in the child. */
+#if FG_RESET_BY_COPY && defined(__GLIBC__)
+#define FG_OWNER_LAYOUT 1
+#else
+#define FG_OWNER_LAYOUT 0
+#endif
+
 #define NIL (-1)
 
+/* Stores the child handler may observe half-way: a fork() from a signal
+ * handler can interrupt this very thread inside a registry update, and the
+ * child then walks the restore array as that update left it. */
+#define PUBLISH(lvalue, value) __atomic_store_n(&(lvalue), (value), __ATOMIC_RELEASE)
+#define OBSERVE(lvalue) __atomic_load_n(&(lvalue), __ATOMIC_ACQUIRE)
+
 #if FG_RESET_BY_COPY
-/* A freshly initialised object, shared by every registration that needs the
- * same bytes (all default mutexes share one).  Never written after creation. */
+/* A freshly initialised rwlock or semaphore, shared by every registration
+ * that needs the same bytes.  Never written after creation. */
 typedef struct fg_template {
     struct fg_template *next;
     uint32_t refs;
     uint32_t size;
     union {
-        pthread_mutex_t mutex;
         pthread_rwlock_t rwlock;
         sem_t sem;
     } u;
@@ -63,37 +106,44 @@ typedef struct fg_template {
 #endif
 
 /* What the child handler needs per object, packed densely: it walks this
- * array and nothing else, so a fork with many registrations stays cheap. */
+ * array and nothing else, so a fork with many registrations stays cheap.
+ * `obj` is written last (PUBLISH) and NULL while an entry is being moved. */
 typedef struct {
     void *obj;
 #if FG_RESET_BY_COPY
-    const fg_template *tpl;
-#else
+    const fg_template *tpl; /* rwlocks and semaphores */
+#endif
     uint8_t kind;
     int8_t mutex_type;
-#endif
     int32_t slot; /* the entry this belongs to */
 } fg_restore;
+
+/* A registration that takes part in the fork window: hooks, or an object with
+ * policy HOLD.  Allocated apart, so its address is stable while win.lock
+ * holders use it; listed in win.hooks or win.holds. */
+typedef struct {
+    void *obj; /* the object, or the hooks' argument */
+    forkguard_hook prepare, parent, child;
+    double timeout;
+    uint64_t hold_timeouts; /* written in the window, read under reg.lock: atomics */
+    uint8_t kind;
+    uint8_t held; /* taken for the fork in progress (win.lock) */
+} fg_active;
 
 typedef struct {
     uint32_t generation; /* part of the handle; bumped when the slot is freed */
     int32_t prev, next;  /* registration order; `next` also links free slots */
-    int32_t hprev, hnext; /* the hold list (policy HOLD), registration order */
     int32_t restore_pos; /* index in reg.restore (objects) */
     uint8_t kind;        /* FG_KIND_*, or 0 for a free slot */
     uint8_t policy;
-    uint8_t held;        /* the hold was taken for the fork in progress */
     int8_t mutex_type;
     unsigned int sem_value;
     double timeout;
-    uint64_t hold_timeouts;
-    void *obj; /* the registered object, or the hooks' argument */
+    void *obj;          /* the registered object, or the hooks' argument */
+    fg_active *active;  /* hooks and hold-policy objects, else NULL */
 #if FG_RESET_BY_COPY
     fg_template *tpl;
 #endif
-    struct {
-        forkguard_hook prepare, parent, child;
-    } hooks;
     char name[FG_NAME_MAX];
 } fg_entry;
 
@@ -105,9 +155,8 @@ static struct {
     int32_t free_head;
     int32_t obj_head, obj_tail;   /* mutexes, rwlocks, semaphores */
     int32_t hook_head, hook_tail; /* hooks */
-    int32_t hold_head, hold_tail; /* objects with policy HOLD */
     uint32_t count;               /* live registrations */
-    uint32_t nobj;                /* live objects (entries in `index`) */
+    uint32_t nobj;                /* live objects: entries in `index` and `restore` */
     uint32_t *index;              /* open addressing: slot + 1, keyed by obj */
     uint32_t index_mask;
     fg_restore *restore; /* one per live object, in no particular order */
@@ -122,20 +171,87 @@ static struct {
     .obj_tail = NIL,
     .hook_head = NIL,
     .hook_tail = NIL,
-    .hold_head = NIL,
-    .hold_tail = NIL,
 };
 
-/* Per-thread fork state.  A thread that prepares a fork keeps the registry
- * locked until the parent or child handler; the flags let that same thread's
- * handlers (and hooks calling back in) know it already owns the lock. */
-#define TLS_IN_FORK 1u  /* this thread holds reg.lock for a fork */
-#define TLS_PRETAKEN 2u /* ...taken early by fg_prepare_begin() */
-static _Thread_local unsigned int tls_state;
+/* The fork window's lists, in registration order. */
+static struct {
+    pthread_mutex_t lock;
+    fg_active **hooks, **holds;
+    uint32_t nhooks, nholds, hooks_cap, holds_cap;
+} win = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* Per-thread state.  A thread inside forkguard (holding either lock, or
+ * running hooks for a fork) has a non-zero tls_state; a fork() it starts from
+ * there (a hook, or a signal handler that interrupted a registration) cannot
+ * take the window, so it "passes through": no hooks, no holds, objects still
+ * restored in its child.  tls_pass counts those nested forks; bit k of
+ * tls_pass_reg says whether level k took reg.lock. */
+#define TLS_WINDOW 1u /* between forkguard's prepare and its parent/child handler */
+#define TLS_GATE 2u   /* holds win.lock */
+#define TLS_REG 4u    /* holds reg.lock */
+static _Thread_local volatile unsigned int tls_state;
+static _Thread_local unsigned int tls_pass;
+static _Thread_local uint32_t tls_pass_reg;
+static _Thread_local long tls_fork_tid;      /* the forking thread's id before fork */
+static _Thread_local int tls_last_timeouts;  /* holds that timed out in this thread's last fork */
+
+/* Checked by init_process(); see FG_OWNER_LAYOUT. */
+static int owner_rule;
 
 #if !FG_RESET_BY_COPY
 static pthread_mutexattr_t mutex_attrs[FORKGUARD_MUTEX_ERRORCHECK + 1];
 #endif
+
+/* The calling thread's kernel id: what glibc records as a mutex's owner. */
+static long current_tid(void)
+{
+#if defined(__linux__)
+    return syscall(SYS_gettid); /* a bare system call: async-signal-safe in practice */
+#else
+    return 0;
+#endif
+}
+
+/* A lock's flag is set before the lock is taken and cleared after it is
+ * released, with compiler fences, so a signal handler in this thread that forks
+ * never sees the lock held by this thread without its flag.  (The flag can be
+ * seen a few instructions before the lock is held: a fork() from a signal
+ * handler there runs without reg.lock; see docs/design.md.) */
+static void tls_set(unsigned int bits)
+{
+    tls_state |= bits;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+}
+
+static void tls_clear(unsigned int bits)
+{
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    tls_state &= ~bits;
+}
+
+static void reg_lock(void)
+{
+    tls_set(TLS_REG);
+    pthread_mutex_lock(&reg.lock);
+}
+
+static void reg_unlock(void)
+{
+    pthread_mutex_unlock(&reg.lock);
+    tls_clear(TLS_REG);
+}
+
+static void win_lock(void)
+{
+    tls_set(TLS_GATE);
+    pthread_mutex_lock(&win.lock);
+}
+
+static void win_unlock(void)
+{
+    pthread_mutex_unlock(&win.lock);
+    tls_clear(TLS_GATE);
+}
 
 /* ------------------------------------------------------------------ */
 /* Address index: finds an object's slot, so a second registration of the
@@ -280,42 +396,52 @@ static void list_unlink(int32_t *head, int32_t *tail, int32_t i)
         *tail = e->prev;
 }
 
-static void hold_append(int32_t i)
-{
-    reg.slots[i].hprev = reg.hold_tail;
-    reg.slots[i].hnext = NIL;
-    if (reg.hold_tail != NIL)
-        reg.slots[reg.hold_tail].hnext = i;
-    else
-        reg.hold_head = i;
-    reg.hold_tail = i;
-}
-
-static void hold_unlink(int32_t i)
-{
-    fg_entry *e = &reg.slots[i];
-    if (e->hprev != NIL)
-        reg.slots[e->hprev].hnext = e->hnext;
-    else
-        reg.hold_head = e->hnext;
-    if (e->hnext != NIL)
-        reg.slots[e->hnext].hprev = e->hprev;
-    else
-        reg.hold_tail = e->hprev;
-}
-
-/* Room for one more object in the restore array. */
+/* Room for one more object in the restore array.  The new array is filled
+ * before it is published and the old one freed after, so a child forked at
+ * any instant of this thread sees a complete array. */
 static int restore_reserve(void)
 {
     if (reg.nobj < reg.restore_cap)
         return FORKGUARD_OK;
     uint32_t ncap = reg.restore_cap ? reg.restore_cap * 2 : 16;
-    fg_restore *n = realloc(reg.restore, (size_t)ncap * sizeof *n);
+    fg_restore *n = malloc((size_t)ncap * sizeof *n);
     if (n == NULL)
         return FORKGUARD_ENOMEM;
-    reg.restore = n;
+    fg_restore *old = reg.restore;
+    if (old != NULL)
+        memcpy(n, old, (size_t)reg.nobj * sizeof *n);
+    PUBLISH(reg.restore, n);
     reg.restore_cap = ncap;
+    free(old);
     return FORKGUARD_OK;
+}
+
+/* Append (pos == reg.nobj) or overwrite one entry: its fields first, then the
+ * object pointer that makes it visible. */
+static void restore_put(uint32_t pos, const fg_restore *src)
+{
+    fg_restore *r = &reg.restore[pos];
+    PUBLISH(r->obj, (void *)NULL);
+#if FG_RESET_BY_COPY
+    r->tpl = src->tpl;
+#endif
+    r->kind = src->kind;
+    r->mutex_type = src->mutex_type;
+    r->slot = src->slot;
+    PUBLISH(r->obj, src->obj);
+    reg.slots[src->slot].restore_pos = (int32_t)pos;
+}
+
+/* Swap-remove: the last entry moves into the hole (briefly listed twice,
+ * which only means a second, harmless restore), then the count drops. */
+static void restore_remove(uint32_t pos)
+{
+    uint32_t last = reg.nobj - 1;
+    if (pos != last) {
+        fg_restore moved = reg.restore[last];
+        restore_put(pos, &moved);
+    }
+    PUBLISH(reg.nobj, last);
 }
 
 #if FG_RESET_BY_COPY
@@ -370,16 +496,60 @@ static int32_t handle_slot(uint64_t handle)
 }
 
 /* ------------------------------------------------------------------ */
-/* Holds: taken before fork, released in the parent. */
+/* Owners: what the C library records about who holds an object. */
+
+#if FG_OWNER_LAYOUT
+#define MUTEX_KIND_WORD(m) ((m)->__data.__kind)
+#else
+#define MUTEX_KIND_WORD(m) ((m)->__u.__i[0]) /* musl's _m_type */
+#endif
+
+static int mutex_is_recursive(const pthread_mutex_t *m)
+{
+#if FG_OWNER_LAYOUT
+    return (((const volatile pthread_mutex_t *)m)->__data.__kind & 3) == PTHREAD_MUTEX_RECURSIVE;
+#else
+    (void)m;
+    return 0;
+#endif
+}
+
+/* Does thread `tid` own mutex `m` (and how deeply, for a recursive one)? */
+static unsigned int mutex_owned_by(const pthread_mutex_t *m, long tid)
+{
+#if FG_OWNER_LAYOUT
+    const volatile pthread_mutex_t *v = m;
+    if (!owner_rule || tid == 0 || v->__data.__owner != tid)
+        return 0;
+    return mutex_is_recursive(m) ? v->__data.__count : 1;
+#else
+    (void)m;
+    (void)tid;
+    return 0;
+#endif
+}
+
+static int rwlock_written_by(const pthread_rwlock_t *rw, long tid)
+{
+#if FG_OWNER_LAYOUT
+    const volatile pthread_rwlock_t *v = rw;
+    return owner_rule && tid != 0 && v->__data.__cur_writer == tid;
+#else
+    (void)rw;
+    (void)tid;
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------ */
+/* Holds: taken before fork, released on both sides. */
 
 #if FG_HAVE_TIMEDLOCK
 static struct timespec deadline_after(double seconds)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    if (seconds > 1e9) /* far enough to be "never", small enough not to overflow */
-        seconds = 1e9;
-    time_t whole = (time_t)seconds;
+    time_t whole = (time_t)seconds; /* registration kept it <= FORKGUARD_TIMEOUT_MAX */
     ts.tv_sec += whole;
     ts.tv_nsec += (long)((seconds - (double)whole) * 1e9);
     if (ts.tv_nsec >= 1000000000L) {
@@ -389,13 +559,13 @@ static struct timespec deadline_after(double seconds)
     return ts;
 }
 #else
-static int try_once(fg_entry *e)
+static int try_once(const fg_active *a)
 {
-    switch (e->kind) {
+    switch (a->kind) {
     case FG_KIND_MUTEX:
-        return pthread_mutex_trylock(e->obj);
+        return pthread_mutex_trylock(a->obj);
     case FG_KIND_RWLOCK:
-        return pthread_rwlock_trywrlock(e->obj);
+        return pthread_rwlock_trywrlock(a->obj);
     default:
         return EINVAL;
     }
@@ -409,21 +579,28 @@ static double monotonic_now(void)
 }
 #endif
 
-/* 1: taken; 0: nothing to take (this thread owns it already); -1: timed out. */
-static int hold_take(fg_entry *e)
+/* 1: taken; 0: nothing to take (the forking thread owns it already); -1:
+ * timed out. */
+static int hold_take(fg_active *a, long tid)
 {
     int r;
+    /* The forking thread's own lock: waiting for it would only time out (a
+     * recursive mutex is simply taken once more). */
+    if (a->kind == FG_KIND_MUTEX && mutex_owned_by(a->obj, tid) && !mutex_is_recursive(a->obj))
+        return 0;
+    if (a->kind == FG_KIND_RWLOCK && rwlock_written_by(a->obj, tid))
+        return 0;
 #if FG_HAVE_TIMEDLOCK
-    struct timespec dl = deadline_after(e->timeout);
-    switch (e->kind) {
+    struct timespec dl = deadline_after(a->timeout);
+    switch (a->kind) {
     case FG_KIND_MUTEX:
-        r = pthread_mutex_timedlock(e->obj, &dl);
+        r = pthread_mutex_timedlock(a->obj, &dl);
         break;
     case FG_KIND_RWLOCK:
-        r = pthread_rwlock_timedwrlock(e->obj, &dl);
+        r = pthread_rwlock_timedwrlock(a->obj, &dl);
         break;
     default:
-        while ((r = sem_timedwait(e->obj, &dl)) != 0 && errno == EINTR)
+        while ((r = sem_timedwait(a->obj, &dl)) != 0 && errno == EINTR)
             ;
         if (r != 0)
             r = errno;
@@ -432,9 +609,9 @@ static int hold_take(fg_entry *e)
 #else
     /* No timed variants here: poll with a growing sleep, on the monotonic
      * clock. */
-    double deadline = monotonic_now() + e->timeout;
+    double deadline = monotonic_now() + a->timeout;
     long nap_ns = 50000;
-    while ((r = try_once(e)) == EBUSY) {
+    while ((r = try_once(a)) == EBUSY) {
         double left = deadline - monotonic_now();
         if (left <= 0) {
             r = ETIMEDOUT;
@@ -452,138 +629,236 @@ static int hold_take(fg_entry *e)
     return r == EDEADLK ? 0 : -1;
 }
 
-static void hold_release(fg_entry *e)
+static void hold_release(const fg_active *a)
 {
-    switch (e->kind) {
+    switch (a->kind) {
     case FG_KIND_MUTEX:
-        pthread_mutex_unlock(e->obj);
+        pthread_mutex_unlock(a->obj);
         break;
     case FG_KIND_RWLOCK:
-        pthread_rwlock_unlock(e->obj);
+        pthread_rwlock_unlock(a->obj);
         break;
     default:
-        sem_post(e->obj);
+        sem_post(a->obj);
         break;
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Restoring objects in the child. */
+
+#if FG_RESET_BY_COPY
+/* A mutex comes back as zeroes plus its *current* kind word, so one that was
+ * destroyed and re-initialised with another type since registration comes
+ * back as that type.  What the forking thread owned it owns again (as the
+ * child's thread id, at the same depth); what vanished threads owned is
+ * released.  A free mutex is only read, so its page is not copied. */
+static void restore_mutex(pthread_mutex_t *m, long ft)
+{
+    volatile pthread_mutex_t *v = m;
+#if FG_OWNER_LAYOUT
+    if (v->__data.__lock == 0 && v->__data.__owner == 0 && v->__data.__nusers == 0)
+        return;
+    enum { ROBUST = 16, PP = 64, PSHARED = 128 };
+#else
+    if (v->__u.__vi[1] == 0 && v->__u.__vi[2] == 0) /* musl's _m_lock, _m_waiters */
+        return;
+    enum { ROBUST = 4, PP = 0, PSHARED = 128 };
+#endif
+    int word = MUTEX_KIND_WORD(v);
+    if (word & (ROBUST | PP | PSHARED))
+        return; /* re-initialised as a kind no template can restore: left alone */
+    unsigned int depth = mutex_owned_by(m, ft);
+    memset(m, 0, sizeof *m);
+    MUTEX_KIND_WORD(m) = word;
+    if (depth > 0) {
+        /* Not on POSIX's async-signal-safe list; on a free mutex of a
+         * non-robust kind glibc's trylock is one atomic compare-and-swap and
+         * a few stores (the child's id is already in the thread's TCB). */
+        pthread_mutex_trylock(m);
+#if FG_OWNER_LAYOUT
+        if ((word & 3) == PTHREAD_MUTEX_RECURSIVE)
+            v->__data.__count = depth;
+#endif
+    }
+}
+#endif
+
+/* memcmp/memcpy are async-signal-safe (POSIX 2016). */
+static void restore(const fg_restore *r, void *obj, long ft)
+{
+#if FG_RESET_BY_COPY
+    if (r->kind == FG_KIND_MUTEX) {
+        restore_mutex(obj, ft);
+        return;
+    }
+    const fg_template *t = r->tpl;
+    if (memcmp(obj, &t->u, t->size) == 0)
+        return; /* already free: only read, so its page is not copied */
+    int mine = r->kind == FG_KIND_RWLOCK && rwlock_written_by(obj, ft);
+    memcpy(obj, &t->u, t->size);
+    if (mine)
+        pthread_rwlock_trywrlock(obj); /* one atomic operation on a free rwlock, as above */
+#else
+    (void)ft;
+    /* Not on POSIX's async-signal-safe list, but on these systems (macOS)
+     * initialising a mutex or rwlock only stores into the object: it neither
+     * allocates nor locks. */
+    if (r->kind == FG_KIND_MUTEX)
+        pthread_mutex_init(obj, &mutex_attrs[r->mutex_type]);
+    else
+        pthread_rwlock_init(obj, NULL);
+#endif
+}
+
+static void restore_all(long ft)
+{
+    uint32_t n = OBSERVE(reg.nobj);
+    const fg_restore *rs = OBSERVE(reg.restore);
+    for (uint32_t k = 0; k < n; k++) {
+        void *obj = OBSERVE(rs[k].obj);
+        if (obj != NULL)
+            restore(&rs[k], obj, ft);
     }
 }
 
 /* ------------------------------------------------------------------ */
 /* The atfork handlers. */
 
-/* Prepare hooks newest first, then holds oldest first (one global order, so
- * two holds never wait for each other in opposite orders). reg.lock held. */
-static int prepare_locked(void)
+static void atfork_prepare(void)
 {
-    int timeouts = 0;
-    for (int32_t i = reg.hook_tail; i != NIL; i = reg.slots[i].prev) {
-        fg_entry *e = &reg.slots[i];
-        if (e->hooks.prepare)
-            e->hooks.prepare(e->obj);
+    int saved_errno = errno;
+    long tid = current_tid();
+    if (tls_state != 0) {
+        /* A fork from inside forkguard in this thread (a hook, or a signal
+         * handler): pass through.  The window's lists may be mid-change or
+         * mid-walk; reg.lock is taken unless this thread holds it already
+         * (then the registry is as the interrupted update left it, which the
+         * restore array tolerates). */
+        uint32_t bit = tls_pass < 32 ? UINT32_C(1) << tls_pass : 0;
+        if (!(tls_state & TLS_REG) && bit) {
+            reg_lock();
+            tls_pass_reg |= bit;
+        }
+        tls_pass++;
+        tls_fork_tid = tid;
+        errno = saved_errno;
+        return;
     }
-    for (int32_t i = reg.hold_head; i != NIL; i = reg.slots[i].hnext) {
-        fg_entry *e = &reg.slots[i];
-        int got = hold_take(e);
-        e->held = got == 1;
+    tls_set(TLS_WINDOW);
+    win_lock();
+    tls_fork_tid = tid;
+    for (uint32_t k = win.nhooks; k-- > 0;) {
+        fg_active *a = win.hooks[k];
+        if (a->prepare)
+            a->prepare(a->obj);
+    }
+    int timeouts = 0;
+    for (uint32_t k = 0; k < win.nholds; k++) {
+        fg_active *a = win.holds[k];
+        int got = hold_take(a, tid);
+        a->held = got == 1;
         if (got < 0) {
-            e->hold_timeouts++;
+            __atomic_fetch_add(&a->hold_timeouts, 1, __ATOMIC_RELAXED);
             timeouts++;
         }
     }
-    return timeouts;
+    tls_last_timeouts = timeouts;
+    reg_lock(); /* last: across fork() only, so the child inherits an untorn registry */
+    errno = saved_errno;
 }
 
-static void finish_parent(void)
+/* Leave a pass-through level; `child` re-creates the lock it took. */
+static int pass_end(int child)
 {
-    for (int32_t i = reg.hold_tail; i != NIL; i = reg.slots[i].hprev) {
-        fg_entry *e = &reg.slots[i];
-        if (e->held) {
-            hold_release(e);
-            e->held = 0;
+    static const pthread_mutex_t fresh_lock = PTHREAD_MUTEX_INITIALIZER;
+    if (tls_pass == 0)
+        return 0;
+    tls_pass--;
+    uint32_t bit = tls_pass < 32 ? UINT32_C(1) << tls_pass : 0;
+    if (tls_pass_reg & bit) {
+        tls_pass_reg &= ~bit;
+        if (child) {
+            memcpy(&reg.lock, &fresh_lock, sizeof reg.lock);
+            tls_clear(TLS_REG);
+        } else {
+            reg_unlock();
         }
     }
-    for (int32_t i = reg.hook_head; i != NIL; i = reg.slots[i].next) {
-        fg_entry *e = &reg.slots[i];
-        if (e->hooks.parent)
-            e->hooks.parent(e->obj);
-    }
-    tls_state = 0;
-    pthread_mutex_unlock(&reg.lock);
-}
-
-static void atfork_prepare(void)
-{
-    if (tls_state & TLS_PRETAKEN)
-        return; /* fg_prepare_begin() already did it, in this thread */
-    int saved_errno = errno;
-    pthread_mutex_lock(&reg.lock);
-    tls_state = TLS_IN_FORK;
-    prepare_locked();
-    errno = saved_errno;
+    return 1;
 }
 
 static void atfork_parent(void)
 {
-    if (!(tls_state & TLS_IN_FORK))
-        return;
     int saved_errno = errno;
-    finish_parent();
+    if (pass_end(0) || !(tls_state & TLS_WINDOW)) {
+        errno = saved_errno;
+        return;
+    }
+    reg_unlock();
+    for (uint32_t k = win.nholds; k-- > 0;) {
+        fg_active *a = win.holds[k];
+        if (a->held) {
+            hold_release(a);
+            a->held = 0;
+        }
+    }
+    for (uint32_t k = 0; k < win.nhooks; k++) {
+        fg_active *a = win.hooks[k];
+        if (a->parent)
+            a->parent(a->obj);
+    }
+    win_unlock();
+    tls_clear(TLS_WINDOW);
     errno = saved_errno;
-}
-
-/* Copy the template over the object, but only where it differs: an object
- * already in its initial state (the usual case) is only read, so its page is
- * not copied by the kernel. memcmp/memcpy are async-signal-safe (POSIX 2016). */
-static void restore(const fg_restore *r)
-{
-#if FG_RESET_BY_COPY
-    if (memcmp(r->obj, &r->tpl->u, r->tpl->size) != 0)
-        memcpy(r->obj, &r->tpl->u, r->tpl->size);
-#else
-    /* Not on POSIX's async-signal-safe list, but on these systems (macOS)
-     * initialising a mutex or rwlock only stores into the object: it neither
-     * allocates nor locks. */
-    if (r->kind == FG_KIND_MUTEX)
-        pthread_mutex_init(r->obj, &mutex_attrs[r->mutex_type]);
-    else
-        pthread_rwlock_init(r->obj, NULL);
-#endif
 }
 
 static void atfork_child(void)
 {
     static const pthread_mutex_t fresh_lock = PTHREAD_MUTEX_INITIALIZER;
-    if (!(tls_state & TLS_IN_FORK))
-        return;
     int saved_errno = errno;
-    for (uint32_t k = 0; k < reg.nobj; k++)
-        restore(&reg.restore[k]);
-    for (int32_t i = reg.hook_head; i != NIL; i = reg.slots[i].next) {
-        fg_entry *e = &reg.slots[i];
-        if (e->hooks.child)
-            e->hooks.child(e->obj);
+    long ft = tls_fork_tid;
+    if (tls_pass > 0) {
+        restore_all(ft);
+        pass_end(1);
+        /* A vanished thread may have held the window lock (this one does
+         * not): free it for the child. */
+        if (!(tls_state & TLS_GATE))
+            memcpy(&win.lock, &fresh_lock, sizeof win.lock);
+        errno = saved_errno;
+        return;
     }
-    /* This thread owns reg.lock, but an error-checking implementation would
-     * refuse the unlock (the thread id changed); a fresh copy needs no owner. */
+    if (!(tls_state & TLS_WINDOW)) {
+        errno = saved_errno;
+        return;
+    }
+    restore_all(ft);
+    /* The holds are this thread's now (restore_all kept them, as the child's
+     * thread id); the real unlock calls give them back.  Semaphores came back
+     * with their registered count already. */
+    for (uint32_t k = 0; k < win.nholds; k++) {
+        fg_active *a = win.holds[k];
+        if (a->held && owner_rule && a->kind != FG_KIND_SEM)
+            hold_release(a); /* atomics on an uncontended lock, as in restore_mutex */
+        a->held = 0;
+    }
+    /* This thread owns both locks, but an error-checking implementation would
+     * refuse the unlock (the thread id changed); fresh copies need no owner. */
     memcpy(&reg.lock, &fresh_lock, sizeof reg.lock);
+    memcpy(&win.lock, &fresh_lock, sizeof win.lock);
+    tls_state = TLS_WINDOW; /* hooks still may not register */
+    for (uint32_t k = 0; k < win.nhooks; k++) {
+        fg_active *a = win.hooks[k];
+        if (a->child)
+            a->child(a->obj);
+    }
     tls_state = 0;
     errno = saved_errno;
 }
 
-int fg_prepare_begin(void)
+int fg_last_fork_timeouts(void)
 {
-    if (fg_init() != FORKGUARD_OK)
-        return FORKGUARD_EATFORK;
-    if (tls_state)
-        return FORKGUARD_EBUSY;
-    pthread_mutex_lock(&reg.lock);
-    tls_state = TLS_IN_FORK | TLS_PRETAKEN;
-    return prepare_locked();
-}
-
-void fg_parent_end(void)
-{
-    if (tls_state & TLS_IN_FORK)
-        finish_parent();
+    return tls_last_timeouts;
 }
 
 /* ------------------------------------------------------------------ */
@@ -592,8 +867,49 @@ void fg_parent_end(void)
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 static int init_result = FORKGUARD_OK;
 
+#if FG_OWNER_LAYOUT
+/* The owner rule reads glibc's public struct fields; check on this very C
+ * library that they mean what the rule assumes before switching it on. */
+static int owner_layout_holds(void)
+{
+    long tid = current_tid();
+    pthread_mutexattr_t attr;
+    pthread_mutex_t m;
+    pthread_rwlock_t rw;
+    int ok = pthread_mutexattr_init(&attr) == 0;
+    ok = ok && pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE) == 0;
+    ok = ok && pthread_mutex_init(&m, &attr) == 0;
+    if (!ok)
+        return 0;
+    pthread_mutexattr_destroy(&attr);
+    /* A fresh mutex is zeroes plus its kind word. */
+    pthread_mutex_t fresh;
+    memset(&fresh, 0, sizeof fresh);
+    fresh.__data.__kind = m.__data.__kind;
+    ok = memcmp(&m, &fresh, sizeof m) == 0;
+    ok = ok && pthread_mutex_lock(&m) == 0 && pthread_mutex_lock(&m) == 0;
+    ok = ok && m.__data.__owner == tid && m.__data.__count == 2 && m.__data.__lock != 0;
+    ok = ok && mutex_owned_by(&m, tid) == 0; /* owner_rule is still off */
+    pthread_mutex_unlock(&m);
+    pthread_mutex_unlock(&m);
+    ok = ok && m.__data.__owner == 0 && m.__data.__lock == 0 && m.__data.__nusers == 0;
+    pthread_mutex_destroy(&m);
+    ok = ok && pthread_rwlock_init(&rw, NULL) == 0;
+    if (!ok)
+        return 0;
+    ok = pthread_rwlock_wrlock(&rw) == 0 && rw.__data.__cur_writer == tid;
+    pthread_rwlock_unlock(&rw);
+    ok = ok && rw.__data.__cur_writer == 0;
+    pthread_rwlock_destroy(&rw);
+    return ok;
+}
+#endif
+
 static void init_process(void)
 {
+#if FG_OWNER_LAYOUT
+    owner_rule = owner_layout_holds();
+#endif
 #if !FG_RESET_BY_COPY
     static const int types[] = {PTHREAD_MUTEX_NORMAL, PTHREAD_MUTEX_RECURSIVE,
                                 PTHREAD_MUTEX_ERRORCHECK};
@@ -627,8 +943,8 @@ static int check_common(const void *obj, size_t align, int policy,
         return FORKGUARD_EALIGN;
     if (policy != FORKGUARD_POLICY_RESET && policy != FORKGUARD_POLICY_HOLD)
         return FORKGUARD_EINVAL;
-    /* Also false for NaN; +inf fails the upper bound. */
-    if (!(timeout >= 0.0 && timeout <= 1e300))
+    /* Also false for NaN and infinities. */
+    if (!(timeout >= 0.0 && timeout <= FORKGUARD_TIMEOUT_MAX))
         return FORKGUARD_EINVAL;
     return fg_init();
 }
@@ -656,67 +972,129 @@ typedef fg_template fg_template_arg;
 typedef void fg_template_arg;
 #endif
 
-/* Insert a prepared entry (and, for an object, its template): one critical
- * section, every allocation before any change, so a fork sees all or none and
- * a failure changes nothing. */
-static int insert(const fg_entry *proto, const fg_template_arg *tpl, uint64_t *handle)
+/* Room for one more pointer in a window list (win.lock held). */
+static int list_reserve(fg_active ***list, uint32_t n, uint32_t *cap)
+{
+    if (n < *cap)
+        return FORKGUARD_OK;
+    uint32_t ncap = *cap ? *cap * 2 : 8;
+    fg_active **grown = realloc(*list, (size_t)ncap * sizeof *grown);
+    if (grown == NULL)
+        return FORKGUARD_ENOMEM;
+    *list = grown;
+    *cap = ncap;
+    return FORKGUARD_OK;
+}
+
+static void list_remove(fg_active **list, uint32_t *n, const fg_active *a)
+{
+    for (uint32_t k = 0; k < *n; k++) {
+        if (list[k] == a) {
+            memmove(&list[k], &list[k + 1], (size_t)(*n - k - 1) * sizeof *list);
+            (*n)--;
+            return;
+        }
+    }
+}
+
+/* Insert a prepared entry (and, for an object, its template) into the
+ * registry, reg.lock held: every allocation before any change, so a failure
+ * changes nothing. */
+static int insert_locked(const fg_entry *proto, const fg_template_arg *tpl, fg_active *active,
+                         uint64_t *handle)
 {
     int is_obj = proto->kind != FG_KIND_HOOKS;
-    int rc = FORKGUARD_OK;
     int32_t i = NIL;
-    if (tls_state)
-        return FORKGUARD_EBUSY;
-    pthread_mutex_lock(&reg.lock);
 #if FG_RESET_BY_COPY
     fg_template *shared = NULL;
 #else
     (void)tpl;
 #endif
     if (is_obj && index_find(proto->obj, NULL) != NIL)
-        rc = FORKGUARD_EEXIST;
-    else if (is_obj && (index_reserve() != FORKGUARD_OK || restore_reserve() != FORKGUARD_OK))
-        rc = FORKGUARD_ENOMEM;
+        return FORKGUARD_EEXIST;
+    if (is_obj && (index_reserve() != FORKGUARD_OK || restore_reserve() != FORKGUARD_OK))
+        return FORKGUARD_ENOMEM;
 #if FG_RESET_BY_COPY
-    else if (is_obj && (shared = template_intern(tpl)) == NULL)
-        rc = FORKGUARD_ENOMEM;
+    if (is_obj && tpl != NULL && (shared = template_intern(tpl)) == NULL)
+        return FORKGUARD_ENOMEM;
 #endif
-    else if ((i = slot_alloc()) == NIL)
-        rc = FORKGUARD_ENOMEM;
-    if (rc != FORKGUARD_OK) {
+    if ((i = slot_alloc()) == NIL) {
 #if FG_RESET_BY_COPY
         template_release(shared);
 #endif
-        pthread_mutex_unlock(&reg.lock);
-        return rc;
+        return FORKGUARD_ENOMEM;
     }
 
     fg_entry *e = &reg.slots[i];
     uint32_t generation = e->generation;
     *e = *proto;
     e->generation = generation;
+    e->active = active;
     if (is_obj) {
         list_append(&reg.obj_head, &reg.obj_tail, i);
-        if (e->policy == FORKGUARD_POLICY_HOLD)
-            hold_append(i);
         index_put(i);
-        fg_restore *r = &reg.restore[reg.nobj];
-        r->obj = e->obj;
-        r->slot = i;
+        fg_restore r;
+        memset(&r, 0, sizeof r);
+        r.obj = e->obj;
+        r.kind = e->kind;
+        r.mutex_type = e->mutex_type;
+        r.slot = i;
 #if FG_RESET_BY_COPY
         e->tpl = shared;
-        r->tpl = shared;
-#else
-        r->kind = e->kind;
-        r->mutex_type = e->mutex_type;
+        r.tpl = shared;
 #endif
-        e->restore_pos = (int32_t)reg.nobj++;
+        restore_put(reg.nobj, &r);
+        PUBLISH(reg.nobj, reg.nobj + 1);
     } else {
         list_append(&reg.hook_head, &reg.hook_tail, i);
     }
     reg.count++;
     *handle = make_handle(i);
-    pthread_mutex_unlock(&reg.lock);
     return FORKGUARD_OK;
+}
+
+/* A registration: reset-policy objects take reg.lock only; hooks and
+ * hold-policy objects also join the window's lists, under win.lock (so they
+ * wait for a fork in progress).  `hooks` is NULL but for hooks. */
+static int insert(const fg_entry *proto, const fg_template_arg *tpl, const fg_active *hooks,
+                  uint64_t *handle)
+{
+    if (tls_state)
+        return FORKGUARD_EBUSY;
+    int rc;
+    if (proto->kind != FG_KIND_HOOKS && proto->policy != FORKGUARD_POLICY_HOLD) {
+        reg_lock();
+        rc = insert_locked(proto, tpl, NULL, handle);
+        reg_unlock();
+        return rc;
+    }
+    fg_active *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return FORKGUARD_ENOMEM;
+    if (hooks != NULL)
+        *a = *hooks;
+    a->obj = proto->obj;
+    a->kind = proto->kind;
+    a->timeout = proto->timeout;
+    int is_hooks = proto->kind == FG_KIND_HOOKS;
+    win_lock();
+    rc = is_hooks ? list_reserve(&win.hooks, win.nhooks, &win.hooks_cap)
+                  : list_reserve(&win.holds, win.nholds, &win.holds_cap);
+    if (rc == FORKGUARD_OK) {
+        reg_lock();
+        rc = insert_locked(proto, tpl, a, handle);
+        reg_unlock();
+    }
+    if (rc == FORKGUARD_OK) {
+        if (is_hooks)
+            win.hooks[win.nhooks++] = a;
+        else
+            win.holds[win.nholds++] = a;
+    }
+    win_unlock();
+    if (rc != FORKGUARD_OK)
+        free(a);
+    return rc;
 }
 
 /* The mutex type and flags, read from the C library's public struct. */
@@ -729,25 +1107,23 @@ static int insert(const fg_entry *proto, const fg_template_arg *tpl, uint64_t *h
 /* glibc's __kind: robust 16, prio-inherit 32, prio-protect 64, process-shared
  * 128, elision hints 256 and 512 (an explicit PTHREAD_MUTEX_NORMAL carries 512,
  * so only copying the whole word reproduces the mutex exactly). */
-#define MUTEX_KIND_WORD(m) ((m)->__data.__kind)
 enum { KIND_ROBUST = 16, KIND_PP = 64, KIND_PSHARED = 128 };
 #else
 /* musl's _m_type: robust 4, prio-inherit 8, process-shared 128. */
-#define MUTEX_KIND_WORD(m) ((m)->__u.__i[0])
 enum { KIND_ROBUST = 4, KIND_PP = 0, KIND_PSHARED = 128 };
 #endif
 
-static int read_mutex(const pthread_mutex_t *m, int *type, int *word)
+static int read_mutex(const pthread_mutex_t *m, int *type)
 {
-    *word = MUTEX_KIND_WORD((const volatile pthread_mutex_t *)m);
+    int word = MUTEX_KIND_WORD((const volatile pthread_mutex_t *)m);
     /* Robust mutexes sit on their owner's robust list and priority-protect
-     * ones keep their ceiling in the lock word: a template copy would break
-     * both.  (Checked first: glibc also marks every robust mutex shared.) */
-    if (*word & (KIND_ROBUST | KIND_PP))
+     * ones keep their ceiling in the lock word: a reset would break both.
+     * (Checked first: glibc also marks every robust mutex shared.) */
+    if (word & (KIND_ROBUST | KIND_PP))
         return FORKGUARD_ENOTSUP;
-    if (*word & KIND_PSHARED)
+    if (word & KIND_PSHARED)
         return FORKGUARD_ESHARED;
-    *type = *word & 3;
+    *type = word & 3;
     return FORKGUARD_OK;
 }
 #else
@@ -759,8 +1135,7 @@ int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type)
     if (mutex == NULL || mutex_type == NULL)
         return FORKGUARD_ENULL;
 #if FG_CAN_READ_MUTEX_TYPE
-    int word;
-    return read_mutex(mutex, mutex_type, &word);
+    return read_mutex(mutex, mutex_type);
 #else
     return FORKGUARD_ENOTSUP;
 #endif
@@ -776,8 +1151,8 @@ int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
     if (mutex_type < FORKGUARD_MUTEX_DETECT || mutex_type > FORKGUARD_MUTEX_ADAPTIVE)
         return FORKGUARD_EINVAL;
 #if FG_CAN_READ_MUTEX_TYPE
-    int actual, word;
-    if ((rc = read_mutex(mutex, &actual, &word)) != FORKGUARD_OK)
+    int actual;
+    if ((rc = read_mutex(mutex, &actual)) != FORKGUARD_OK)
         return rc;
     if (mutex_type != FORKGUARD_MUTEX_DETECT && mutex_type != actual)
         return FORKGUARD_ETYPE;
@@ -789,15 +1164,8 @@ int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
     fg_entry e;
     entry_init(&e, FG_KIND_MUTEX, mutex, policy, timeout, name);
     e.mutex_type = (int8_t)mutex_type;
-#if FG_RESET_BY_COPY
-    fg_template tpl;
-    memset(&tpl, 0, sizeof tpl);
-    tpl.size = sizeof(pthread_mutex_t);
-    MUTEX_KIND_WORD(&tpl.u.mutex) = word;
-    return insert(&e, &tpl, handle);
-#else
-    return insert(&e, NULL, handle);
-#endif
+    /* No template: the child rebuilds a mutex from its own kind word. */
+    return insert(&e, NULL, NULL, handle);
 }
 
 int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
@@ -831,9 +1199,9 @@ int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
     pthread_rwlockattr_destroy(&attr);
     if (rc != FORKGUARD_OK)
         return rc;
-    return insert(&e, &tpl, handle);
+    return insert(&e, &tpl, NULL, handle);
 #else
-    return insert(&e, NULL, handle);
+    return insert(&e, NULL, NULL, handle);
 #endif
 }
 
@@ -854,7 +1222,7 @@ int fg_register_sem(sem_t *sem, unsigned int value, int policy,
     tpl.size = sizeof(sem_t);
     if (sem_init(&tpl.u.sem, 0, value) != 0)
         return FORKGUARD_EINVAL;
-    return insert(&e, &tpl, handle);
+    return insert(&e, &tpl, NULL, handle);
 #else
     (void)value;
     (void)name;
@@ -887,60 +1255,84 @@ int fg_register_hooks(forkguard_hook prepare, forkguard_hook parent, forkguard_h
         return rc;
     fg_entry e;
     entry_init(&e, FG_KIND_HOOKS, arg, FORKGUARD_POLICY_RESET, 0.0, name);
-    e.hooks.prepare = prepare;
-    e.hooks.parent = parent;
-    e.hooks.child = child;
-    return insert(&e, NULL, handle);
+    fg_active hooks;
+    memset(&hooks, 0, sizeof hooks);
+    hooks.prepare = prepare;
+    hooks.parent = parent;
+    hooks.child = child;
+    return insert(&e, NULL, &hooks, handle);
+}
+
+/* Remove slot i from the registry (reg.lock held); its window record, if
+ * any, is the caller's to unlist and free. */
+static void remove_locked(int32_t i)
+{
+    fg_entry *e = &reg.slots[i];
+    if (e->kind == FG_KIND_HOOKS) {
+        list_unlink(&reg.hook_head, &reg.hook_tail, i);
+    } else {
+        uint32_t pos;
+        index_find(e->obj, &pos);
+        index_remove(pos);
+        list_unlink(&reg.obj_head, &reg.obj_tail, i);
+        restore_remove((uint32_t)e->restore_pos);
+#if FG_RESET_BY_COPY
+        template_release(e->tpl);
+#endif
+    }
+    slot_free(i);
+    reg.count--;
 }
 
 int fg_unregister(uint64_t handle)
 {
     if (tls_state)
         return FORKGUARD_EBUSY;
-    int rc = FORKGUARD_OK;
-    pthread_mutex_lock(&reg.lock);
+    reg_lock();
     int32_t i = handle_slot(handle);
-    if (i == NIL) {
-        rc = FORKGUARD_ESTALE;
-    } else if (reg.slots[i].kind == FG_KIND_HOOKS) {
-        list_unlink(&reg.hook_head, &reg.hook_tail, i);
-    } else {
-        fg_entry *e = &reg.slots[i];
-        uint32_t pos;
-        index_find(e->obj, &pos);
-        index_remove(pos);
-        list_unlink(&reg.obj_head, &reg.obj_tail, i);
-        if (e->policy == FORKGUARD_POLICY_HOLD)
-            hold_unlink(i);
-        /* Swap-remove: the restore array has no order to keep. */
-        fg_restore *last = &reg.restore[--reg.nobj];
-        reg.restore[e->restore_pos] = *last;
-        reg.slots[last->slot].restore_pos = e->restore_pos;
-#if FG_RESET_BY_COPY
-        template_release(e->tpl);
-#endif
+    if (i != NIL && reg.slots[i].active == NULL) {
+        remove_locked(i);
+        reg_unlock();
+        return FORKGUARD_OK;
     }
+    reg_unlock();
+    if (i == NIL)
+        return FORKGUARD_ESTALE;
+    /* Hooks or a hold: wait for a fork in progress (which may be running its
+     * hooks or holding the object), then unlist it.  Lock order: win, reg. */
+    win_lock();
+    reg_lock();
+    fg_active *a = NULL;
+    i = handle_slot(handle); /* another thread may have ended it meanwhile */
     if (i != NIL) {
-        slot_free(i);
-        reg.count--;
+        a = reg.slots[i].active;
+        remove_locked(i);
     }
-    pthread_mutex_unlock(&reg.lock);
-    return rc;
+    reg_unlock();
+    if (a != NULL) {
+        if (a->kind == FG_KIND_HOOKS)
+            list_remove(win.hooks, &win.nhooks, a);
+        else
+            list_remove(win.holds, &win.nholds, a);
+    }
+    win_unlock();
+    free(a);
+    return a != NULL ? FORKGUARD_OK : FORKGUARD_ESTALE;
 }
 
-/* Readers lock the registry unless this thread already holds it for a fork. */
+/* Readers lock the registry unless this thread holds it already. */
 static int read_begin(void)
 {
-    if (tls_state)
+    if (tls_state & TLS_REG)
         return 0;
-    pthread_mutex_lock(&reg.lock);
+    reg_lock();
     return 1;
 }
 
 static void read_end(int locked)
 {
     if (locked)
-        pthread_mutex_unlock(&reg.lock);
+        reg_unlock();
 }
 
 int fg_is_active(uint64_t handle)
@@ -965,7 +1357,8 @@ int fg_info(uint64_t handle, fg_info_t *info)
         info->mutex_type = e->mutex_type;
         info->sem_value = e->sem_value;
         info->timeout = e->timeout;
-        info->hold_timeouts = e->hold_timeouts;
+        if (e->active != NULL)
+            info->hold_timeouts = __atomic_load_n(&e->active->hold_timeouts, __ATOMIC_RELAXED);
         info->address = (uintptr_t)e->obj;
         memcpy(info->name, e->name, FG_NAME_MAX);
     }
@@ -1014,9 +1407,11 @@ size_t fg_count(void)
 
 int fg_features(void)
 {
+    fg_init();
     return (FG_CAN_READ_MUTEX_TYPE ? FG_FEATURE_MUTEX_TYPE : 0) |
            (FG_RESET_BY_COPY ? FG_FEATURE_SEM : 0) |
-           (FG_HAVE_TIMEDLOCK ? FG_FEATURE_TIMEDLOCK : 0);
+           (FG_HAVE_TIMEDLOCK ? FG_FEATURE_TIMEDLOCK : 0) |
+           (owner_rule ? FG_FEATURE_OWNER : 0);
 }
 
 const char *fg_strerror(int code)
@@ -1043,7 +1438,7 @@ const char *fg_strerror(int code)
     case FORKGUARD_ETYPE:
         return "mutex type does not match the mutex";
     case FORKGUARD_EBUSY:
-        return "called from a fork handler of the forking thread";
+        return "called from inside forkguard in this thread (a fork hook, or a signal handler)";
     case FORKGUARD_EATFORK:
         return "pthread_atfork failed";
     case FORKGUARD_ENOAPI:

@@ -30,6 +30,8 @@
 #define FG_FEATURE_MUTEX_TYPE 1 /* mutex types are read from the mutex */
 #define FG_FEATURE_SEM 2        /* unnamed semaphores can be registered */
 #define FG_FEATURE_TIMEDLOCK 4  /* holds wait with timed lock calls (else polling) */
+#define FG_FEATURE_OWNER 8      /* the forking thread keeps what it owns in the child
+                                   (the C library's owner fields were verified) */
 
 /* Longest name kept with a registration (longer names are truncated). */
 #define FG_NAME_MAX 64
@@ -84,16 +86,9 @@ int fg_sem_value(sem_t *sem, unsigned int *value);
  * library does not expose it, FORKGUARD_ESHARED for process-shared mutexes). */
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
 
-/* Run the fork preparation (prepare hooks, then holds) now, in the calling
- * thread, and keep the registry locked until the fork's parent or child
- * handler.  Called from Python's os.fork() "before" hook, where the GIL is
- * released, so that a hold never waits with the GIL held.  Returns how many
- * holds timed out (>= 0), or FORKGUARD_EBUSY if this thread is already preparing. */
-int fg_prepare_begin(void);
-
-/* Finish a preparation whose fork() never reached the parent handler; a
- * no-op otherwise.  Called from Python's "after in parent" hook. */
-void fg_parent_end(void);
+/* How many holds timed out in the calling thread's most recent fork (its
+ * os.fork() "after in parent" hook reads it to warn). */
+int fg_last_fork_timeouts(void);
 
 const char *fg_strerror(int code);
 

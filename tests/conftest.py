@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +23,31 @@ LINUX = sys.platform.startswith("linux")
 def ext(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     """The test-time C extension (see tests/native.py)."""
     return native.build(tmp_path_factory.mktemp("native"))
+
+
+@pytest.fixture(scope="session")
+def probe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder holding gilprobe (tests/gilprobe.c), a CPython extension that calls
+    forkguard's C API with the GIL held, built against the installed forkguard.h."""
+    out = tmp_path_factory.mktemp("gilprobe")
+    target = out / f"gilprobe{sysconfig.get_config_var('EXT_SUFFIX')}"
+    flags = ["-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror"]
+    includes = [f"-I{sysconfig.get_paths()['include']}", f"-I{forkguard.get_include()}"]
+    source = str(Path(__file__).parent / "gilprobe.c")
+    cc = os.environ.get("CC", "cc")
+    cmd = [cc, *flags, *includes, source, "-o", str(target), "-lpthread"]
+    subprocess.run(cmd, check=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gilprobe(probe_dir: Path) -> ModuleType:
+    """gilprobe imported here, attached to forkguard's C API."""
+    sys.path.insert(0, str(probe_dir))
+    import gilprobe as module
+
+    module.attach()
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -34,11 +34,14 @@ pthread_mutex_t *mutex_new(int type, int pshared, int robust);
 pthread_rwlock_t *rwlock_new(int pshared);
 sem_t *sem_new(unsigned int value);
 void lock_free(void *p);
+int mutex_reinit(pthread_mutex_t *m, int type);
 
 int pthread_mutex_init(pthread_mutex_t *m, void *attr);
 int pthread_mutex_lock(pthread_mutex_t *m);
 int pthread_mutex_trylock(pthread_mutex_t *m);
 int pthread_mutex_unlock(pthread_mutex_t *m);
+int pthread_mutex_destroy(pthread_mutex_t *m);
+int pthread_rwlock_rdlock(pthread_rwlock_t *rw);
 int pthread_rwlock_wrlock(pthread_rwlock_t *rw);
 int pthread_rwlock_trywrlock(pthread_rwlock_t *rw);
 int pthread_rwlock_tryrdlock(pthread_rwlock_t *rw);
@@ -124,6 +127,20 @@ sem_t *sem_new(unsigned int value)
 }
 
 void lock_free(void *p) { free(p); }
+
+/* Destroy a mutex and initialise it again, in place, as another type. */
+int mutex_reinit(pthread_mutex_t *m, int type)
+{
+    pthread_mutexattr_t a;
+    int rc = pthread_mutex_destroy(m);
+    if (rc != 0)
+        return rc;
+    pthread_mutexattr_init(&a);
+    pthread_mutexattr_settype(&a, type);
+    rc = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return rc;
+}
 
 static void take(int kind, void *obj)
 {

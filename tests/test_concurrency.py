@@ -13,6 +13,7 @@ from typing import Any
 import forkguard
 
 from forking import run_in_child
+from test_c_objects import Holders
 
 OK = 20.0
 
@@ -43,8 +44,9 @@ def test_registering_inside_before_hooks_python_and_c(ext: ModuleType) -> None:
             made.append(forkguard.register(lock))
             made.append(forkguard.register(mutex, mutex_type="normal"))
 
-    lock.acquire()
-    lib.pthread_mutex_lock(mutex)
+    lock.acquire()  # a Lock records no owner: the child gets it reset
+    holder = Holders(ext)
+    holder.hold((lib.K_MUTEX, mutex, 1))  # another thread's: the child gets it reset
     try:
         with forkguard.at_fork(before=before):
             result = run_in_child(
@@ -57,7 +59,7 @@ def test_registering_inside_before_hooks_python_and_c(ext: ModuleType) -> None:
         for reg in made:
             reg.unregister()
         lock.release()
-        lib.pthread_mutex_unlock(mutex)
+        holder.stop()
 
 
 def test_registering_in_the_child_from_an_after_in_child_hook(ext: ModuleType) -> None:
@@ -71,7 +73,7 @@ def test_registering_in_the_child_from_an_after_in_child_hook(ext: ModuleType) -
     def child() -> bool:
         names = [r.name for r in forkguard.registrations()]
         # and the child's own registration protects the child's own forks
-        lib.pthread_mutex_lock(mutex)
+        Holders(ext).hold((lib.K_MUTEX, mutex, 1))  # a thread of the child holds it
         grandchild = run_in_child(lambda: lib.pthread_mutex_trylock(mutex) == 0, deadline=OK)
         return "child's" in names and grandchild.status == "ok"
 
@@ -94,7 +96,7 @@ def test_unregistering_from_a_child_hook_ends_it_in_the_child_only(ext: ModuleTy
     def child() -> bool:
         # Restored for this fork (the hook runs after restoring), gone for the next.
         lock.acquire()
-        lib.pthread_mutex_lock(mutex)
+        Holders(ext).hold((lib.K_MUTEX, mutex, 1))  # a thread of the child holds it
         grandchild = run_in_child(
             lambda: lib.pthread_mutex_trylock(mutex) != 0 and not lock.acquire(blocking=False),
             deadline=OK,

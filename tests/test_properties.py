@@ -24,6 +24,7 @@ import forkguard
 from forkguard import _REGISTRY
 
 from forking import run_in_child
+from test_c_objects import Holders
 
 N = 4  # Python locks 0..N-1 and C mutexes N..2N-1
 
@@ -55,9 +56,10 @@ def test_register_unregister_fork_sequences(
     regs: dict[int, forkguard.Registration] = {}
     c_count = _REGISTRY.backend.count()
     for lock in py_locks:
-        lock.acquire()  # all held by the forking thread: reset shows as "free in the child"
-    for m in c_locks:
-        lib.pthread_mutex_lock(m)
+        lock.acquire()  # a Lock has no owner: reset shows as "free in the child"
+    # C mutexes held by another thread (the forking thread would keep its own)
+    holder = Holders(ext)
+    holder.hold(*[(lib.K_MUTEX, m, 1) for m in c_locks])
     try:
         for op, i, policy in sequence:
             if op == "register":
@@ -95,8 +97,7 @@ def test_register_unregister_fork_sequences(
             reg.unregister()
         for lock in py_locks:
             lock.release()
-        for m in c_locks:
-            lib.pthread_mutex_unlock(m)
+        holder.stop()
     assert _REGISTRY.backend.count() == c_count
 
 
@@ -105,8 +106,9 @@ class RegistryModel(RuleBasedStateMachine):
     repeated and ended, and objects are dropped; after every step the registry lists
     exactly the model's live registrations, and a fork restores exactly those.
 
-    Every object is held by this (forking) thread, so "restored" shows in the child as
-    "free"; objects no longer registered stay held there.
+    Every object is held (Python objects by this forking thread, which a reset
+    ignores since they record no owner; C objects by a native thread of their own), so
+    "restored" shows in the child as "free"; objects no longer registered stay held.
     """
 
     ext: ModuleType  # set by the test below
@@ -123,6 +125,7 @@ class RegistryModel(RuleBasedStateMachine):
         self.ended: list[forkguard.Registration] = []
         self.made = 0
         self.c_count = _REGISTRY.backend.count()
+        self.holders = Holders(self.ext)
 
     objs = Bundle("objects")
 
@@ -141,10 +144,10 @@ class RegistryModel(RuleBasedStateMachine):
             obj.mutex.acquire()
         elif kind == "mutex":
             obj = lib.mutex_new(lib.PTHREAD_MUTEX_NORMAL, 0, 0)
-            lib.pthread_mutex_lock(obj)
+            self.holders.hold((lib.K_MUTEX, obj, 1))
         else:
             obj = lib.rwlock_new(0)
-            lib.pthread_rwlock_wrlock(obj)
+            self.holders.hold((lib.K_WRLOCK, obj, 1))
         self.made += 1
         self.objects[self.made] = (kind, obj)
         return self.made
@@ -214,9 +217,10 @@ class RegistryModel(RuleBasedStateMachine):
         for reg in forkguard.registrations():  # also one a failed step left unrecorded
             reg.unregister()
         lib = self.ext.lib
+        self.holders.stop()
         for kind, obj in self.objects.values():
             if kind in ("mutex", "rwlock"):
-                lib.lock_free(obj)  # held, never shared: nothing else uses it
+                lib.lock_free(obj)
 
 
 def test_registry_model(ext: ModuleType) -> None:

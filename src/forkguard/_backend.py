@@ -45,6 +45,7 @@ class Backend(Protocol):
     can_fork: bool
     can_read_mutex_type: bool
     has_semaphores: bool
+    timeout_max: float
 
     def register(
         self,
@@ -62,8 +63,7 @@ class Backend(Protocol):
     def sem_value(self, address: int) -> int: ...
     def sem_value_max(self) -> int: ...
     def handles(self) -> list[int]: ...
-    def prepare_begin(self) -> int: ...
-    def parent_end(self) -> None: ...
+    def last_fork_timeouts(self) -> int: ...
     def count(self) -> int: ...
 
 
@@ -91,6 +91,8 @@ class NativeBackend:
         self.can_fork = True
         self.can_read_mutex_type = bool(features & lib.FG_FEATURE_MUTEX_TYPE)
         self.has_semaphores = bool(features & lib.FG_FEATURE_SEM)
+        self.owner_rule = bool(features & lib.FG_FEATURE_OWNER)
+        self.timeout_max = float(lib.FORKGUARD_TIMEOUT_MAX)
         self._no_name = ffi.NULL
         self._kind_ids = {
             MUTEX: lib.FG_KIND_MUTEX,
@@ -252,11 +254,9 @@ class NativeBackend:
         name = int(self._ffi.cast("uintptr_t", self._lib.fg_capsule_name()))
         return capsule_new(self.api_address(), name, None)
 
-    def prepare_begin(self) -> int:
-        return int(self._lib.fg_prepare_begin())
-
-    def parent_end(self) -> None:
-        self._lib.fg_parent_end()
+    def last_fork_timeouts(self) -> int:
+        """Holds that timed out in this thread's most recent fork."""
+        return int(self._lib.fg_last_fork_timeouts())
 
     def count(self) -> int:
         return int(self._lib.fg_count())
@@ -264,8 +264,8 @@ class NativeBackend:
 
 _BUSY = (
     "cannot register or unregister C objects from inside a fork handler running in the "
-    "forking thread (an os.register_at_fork() hook registered before forkguard was "
-    "imported, or a C hook); do it before or after the fork"
+    "forking thread (a C hook, or a signal handler that interrupted forkguard); do it "
+    "before or after the fork"
 )
 
 
@@ -275,6 +275,8 @@ class NoForkBackend:
     can_fork = False
     can_read_mutex_type = False
     has_semaphores = True
+    owner_rule = False
+    timeout_max = 1e9  # FORKGUARD_TIMEOUT_MAX in forkguard.h
 
     def __init__(self) -> None:
         self._next = itertools.count(1)
@@ -311,11 +313,8 @@ class NoForkBackend:
     def sem_value_max(self) -> int:
         return 2**31 - 1
 
-    def prepare_begin(self) -> int:
+    def last_fork_timeouts(self) -> int:
         return 0
-
-    def parent_end(self) -> None:
-        pass
 
     def count(self) -> int:
         return len(self._live)

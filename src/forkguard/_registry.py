@@ -3,14 +3,15 @@
 Fork timeline for ``os.fork()`` (and everything built on it), per process:
 
 before            user ``at_fork`` before-hooks (newest first); Python holds taken in
-                  registration order; then the C preparation (C prepare hooks, C holds)
-                  with the GIL released, which leaves the C registry locked until fork.
-fork()            C prepare handler (already done above), fork, C parent/child handlers.
+                  registration order.  Nothing here touches the C registry.
+fork()            the C core's pthread_atfork handlers: C prepare hooks, C holds, fork,
+                  C objects restored in the child, C parent/child hooks.
 after_in_child    Python objects reset (or released, if held); user after-hooks.
 after_in_parent   Python holds released; warnings and errors reported; user after-hooks.
 
-None of the fork hooks takes ``Registry._lock``: a thread that holds it may be
-waiting for the C registry, which the forking thread holds.
+None of the fork hooks takes ``Registry._lock``, and none waits for the C
+registry: a thread that registers may hold the GIL or any lock an earlier
+before-hook needs (docs/design.md, "Lock order").
 """
 
 from __future__ import annotations
@@ -112,10 +113,23 @@ class Registration:
     @property
     def kind(self) -> str:
         """What is registered, e.g. ``"queue.Queue"`` or ``"pthread_mutex_t (recursive)"``."""
+        backend = self._registry.backend
         if self._mutex_type is None and self._handle is not None:  # read once from C
-            info = self._registry.backend.info(self._handle)
+            info = backend.info(self._handle)
             self._mutex_type = (info.mutex_type if info is not None else None) or ""
-        return f"{self._label} ({self._mutex_type})" if self._mutex_type else self._label
+        if not self._mutex_type:
+            return self._label
+        now = self._mutex_type
+        if self._address and backend.can_read_mutex_type and self.active:
+            # The mutex may have been destroyed and initialised again as another
+            # type; the child gets it back as what it is now.
+            try:
+                now = backend.mutex_type(self._address)  # type: ignore[union-attr]
+            except (TypeError, ValueError) as exc:
+                now = f"now unrestorable: {exc}"
+        if now != self._mutex_type:
+            return f"{self._label} ({now}; registered as {self._mutex_type})"
+        return f"{self._label} ({now})"
 
     @property
     def active(self) -> bool:
@@ -202,7 +216,8 @@ class Registry:
         self._c_holds: dict[int, Registration] = {}  # C objects, policy "hold"
         self._by_key: dict[tuple[str, int], Registration] = {}
         self._tokens = itertools.count(1)
-        self._forks: dict[int, _ForkState] = {}  # by forking thread
+        # Forks in progress, by forking thread: a stack, since a before-hook may fork.
+        self._forks: dict[int, list[_ForkState]] = {}
 
     # ---------------------------------------------------------------- registering
 
@@ -218,7 +233,7 @@ class Registry:
         mutex_type: object = None,
     ) -> Registration:
         hold = _targets.check_policy(policy)
-        seconds = _targets.check_timeout(timeout)
+        seconds = _targets.check_timeout(timeout, self.backend.timeout_max)
         reg_name = _targets.check_name(name)
         target = _targets.classify(obj, kind, value, mutex_type, self.backend)
         if isinstance(target, _targets.PyTarget):
@@ -384,10 +399,13 @@ class Registry:
 
     def before_fork(self) -> None:
         state = _ForkState()
-        self._forks[threading.get_ident()] = state
+        outer = self._forks.setdefault(threading.get_ident(), [])
+        # A fork started from a before-hook of an outer fork of this thread: what
+        # the outer one holds is held already (by this thread, for that fork).
+        taken = {id(reg._pykind.hold_lock(obj)) for s in outer for reg, obj in s.held}  # type: ignore[union-attr]
+        outer.append(state)
         for reg in reversed(list(self._hooks.values())):
             _call_hook(reg, 0, state.errors)
-        taken: set[int] = set()  # locks already tried this fork, by id
         for reg in list(self._holds.values()):
             obj = reg._ref() if reg._ref is not None else None
             if obj is None or reg._pykind is None:
@@ -408,13 +426,10 @@ class Registry:
             else:
                 reg._hold_timeouts += 1
                 state.timed_out.append(reg)
-        # Last, so C holds are taken after Python ones (Python code calls into
-        # C while holding Python locks, rarely the other way round).
-        state.c_timeouts = max(0, self.backend.prepare_begin())
 
     def after_fork_in_parent(self) -> None:
-        self.backend.parent_end()
-        state = self._forks.pop(threading.get_ident(), None) or _ForkState()
+        stack = self._forks.get(threading.get_ident())
+        state = stack.pop() if stack else _ForkState()
         errors = state.errors
         for reg, obj in reversed(state.held):
             try:
@@ -426,18 +441,22 @@ class Registry:
         # could have blocked on one of them.
         for reg in state.timed_out:
             _warn_timeout(repr(reg), reg._timeout, stacklevel=3)
-        if state.c_timeouts:
-            self._warn_c_timeouts(state.c_timeouts)
+        c_timeouts = self.backend.last_fork_timeouts()
+        if c_timeouts:
+            self._warn_c_timeouts(c_timeouts)
         for reg in list(self._hooks.values()):
             _call_hook(reg, 1, errors)
         _raise_all(errors)
 
     def after_fork_in_child(self) -> None:
         self._lock._at_fork_reinit()  # type: ignore[attr-defined]
-        state = self._forks.get(threading.get_ident()) or _ForkState()
-        self._forks.clear()
+        stack = self._forks.get(threading.get_ident()) or [_ForkState()]
+        state = stack.pop()
+        # Other threads' forks in progress vanished with them; this thread's outer
+        # forks (a before-hook that forked) go on in this child, holds and all.
+        self._forks = {threading.get_ident(): stack} if stack else {}
         errors: list[BaseException] = []
-        released = set()
+        released = {reg._token for s in stack for reg, _ in s.held}
         for reg, obj in state.held:
             released.add(reg._token)
             try:

@@ -7,7 +7,6 @@ restored by the C child handler, for every fork in the process).
 
 from __future__ import annotations
 
-import math
 import queue
 import sys
 import threading
@@ -308,14 +307,20 @@ def check_policy(policy: object) -> bool:
     raise ValueError(f"policy must be 'reset' or 'hold', not {policy!r}")
 
 
-def check_timeout(timeout: object) -> float:
+def check_timeout(timeout: object, core_max: float) -> float:
+    """Seconds for a hold, within what both the C core (`core_max`, its
+    FORKGUARD_TIMEOUT_MAX) and Python's locks (threading.TIMEOUT_MAX) accept, so
+    one limit holds for every kind of object."""
     if timeout is None:
         return DEFAULT_TIMEOUT
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not {_type_name(timeout)}")
     t = float(timeout)
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
+    limit = min(core_max, threading.TIMEOUT_MAX)
+    if not (0 <= t <= limit):  # also refuses NaN and infinities
+        raise ValueError(
+            f"timeout must be a number of seconds from 0 to {limit:g}, not {timeout!r}"
+        )
     return t
 
 

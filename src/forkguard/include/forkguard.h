@@ -59,7 +59,8 @@ extern "C" {
                                   sem_t on macOS, mutex type not given on macOS) */
 #define FORKGUARD_ESHARED (-8) /* process-shared object: a reset would break peers */
 #define FORKGUARD_ETYPE (-9)   /* the mutex type given differs from the mutex's own */
-#define FORKGUARD_EBUSY (-10)  /* called from a fork hook, in the forking thread */
+#define FORKGUARD_EBUSY (-10)  /* called from inside forkguard in this thread: a fork
+                                  hook, or a signal handler that interrupted a call */
 #define FORKGUARD_EATFORK (-11) /* pthread_atfork() failed */
 #define FORKGUARD_ENOAPI (-12) /* forkguard_import()/forkguard_attach() not done */
 #define FORKGUARD_EABI (-13)   /* the installed forkguard is older than this header */
@@ -68,8 +69,11 @@ extern "C" {
 #define FORKGUARD_POLICY_RESET 0 /* the child gets the object in its initial state */
 #define FORKGUARD_POLICY_HOLD 1  /* held across fork, released on both sides */
 
-/* Seconds a hold waits before that fork falls back to a reset. */
+/* Seconds a hold waits before that fork falls back to a reset, and the most a
+ * registration may ask for (larger, negative or NaN: FORKGUARD_EINVAL).  The
+ * Python API applies the same limit to Python objects. */
 #define FORKGUARD_DEFAULT_TIMEOUT 1.0
+#define FORKGUARD_TIMEOUT_MAX 1e9
 
 /* Mutex types.  DETECT reads the type from the mutex (glibc, musl); on macOS
  * the type must be given. */
