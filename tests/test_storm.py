@@ -149,3 +149,29 @@ def test_storm_without_registration_hangs(objects: Objects, fork_stress: Stress)
     assert report.hung == 1, str(report)
     assert report.crashed == report.failed == 0, report
     assert not report.worker_errors and not report.stuck_threads, report
+
+
+def test_storm_with_c_api_registrations_and_c_forks(
+    objects: Objects, fork_stress: Stress, gilprobe: ModuleType
+) -> None:
+    """The storm above, plus a thread that registers and unregisters C mutexes, holds and
+    hooks through the C API with the GIL held (as tp_new/tp_dealloc do), and a thread
+    that forks from C with the GIL held, while the main thread calls os.fork()."""
+
+    def c_api_user() -> None:
+        gilprobe.free_mutex(*gilprobe.new_mutex())  # reset policy
+        gilprobe.free_mutex(*gilprobe.new_mutex(1))  # hold policy
+        gilprobe.unregister(gilprobe.new_hooks())
+
+    def c_forker() -> None:
+        assert gilprobe.c_fork_gil_held() == 0
+
+    def step_for(index: int) -> Callable[[], None]:
+        return {8: c_api_user, 9: c_forker}.get(index) or objects.step_for(index)
+
+    with ExitStack() as stack:
+        objects.register_all(stack)
+        report = fork_stress(step_for, objects.take_everything, threads=10)
+    print(report)
+    assert report.clean, str(report)
+    assert report.steps > 0
