@@ -244,3 +244,62 @@ def test_python_lock_of_the_forking_thread_comes_back_free() -> None:
             return "released"
 
         assert in_child(child) == "release unlocked lock"
+
+
+class OtherHolder:
+    """A thread inside `with sem:` until stopped."""
+
+    def __init__(self, sem: Any) -> None:
+        self._has_it, self._done = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(sem,), daemon=True)
+        self._thread.start()
+        self._has_it.wait()
+
+    def _run(self, sem: Any) -> None:
+        with sem:
+            self._has_it.set()
+            self._done.wait()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(10)
+
+
+@pytest.mark.parametrize("maker", [threading.Semaphore, threading.BoundedSemaphore])
+@pytest.mark.parametrize("policy", ["reset", "hold"])
+def test_python_semaphore_units_of_the_forking_thread(maker: Any, policy: str) -> None:
+    """`with sem: os.fork()` with another thread inside too: in the child the forking
+    thread releases its own unit itself, and the vanished thread's unit must come back.
+    Without forkguard it is lost; a count restored blindly to 3 would let the child's
+    own release over-count (a BoundedSemaphore raises)."""
+    sem = maker(3)
+
+    def child() -> tuple[int, int, list[bool]]:
+        before = sem._value  # type: ignore[attr-defined]
+        sem.release()  # the `with` block around the fork ends in the child too
+        after = sem._value  # type: ignore[attr-defined]
+        return before, after, [sem.acquire(blocking=False) for _ in range(3)]
+
+    other = OtherHolder(sem)
+    with sem:
+        assert in_child(child) == (1, 2, [True, True, False])  # without forkguard
+    other.stop()
+
+    with forkguard.register(sem, policy=policy, timeout=5) as reg:  # count 3
+        assert type(sem) is not maker and type(sem).__name__ == maker.__name__
+        other = OtherHolder(sem)
+        with sem:
+            assert in_child(child) == (2, 3, [True, True, True])
+        other.stop()
+        assert reg.hold_timeouts == 0
+    assert type(sem) is maker  # unregistered: its own class again
+    assert sem._value == 3  # type: ignore[attr-defined]
+
+
+def test_hold_of_a_semaphore_whose_units_the_forking_thread_holds_does_not_wait() -> None:
+    """No timeout against itself (a HoldTimeoutWarning is an error in this suite)."""
+    sem = threading.BoundedSemaphore(1)
+    with forkguard.register(sem, policy="hold", timeout=5) as reg, sem:
+        assert in_child(lambda: (sem.release(), sem._value)[1]) == 1  # type: ignore[attr-defined]
+        assert reg.hold_timeouts == 0
+    assert sem._value == 1  # type: ignore[attr-defined]

@@ -275,6 +275,7 @@ class Registry:
                 reg._pykind = target.kind
                 reg._address = id(target.obj)
                 reg._ref = entry = _targets.weak_reference(target.obj, reg._collected)
+                target.kind.on_register(target.obj)
                 if hold:
                     bucket, entry = self._holds, reg
                 elif type(target.obj) is _targets.LOCK_TYPE:
@@ -366,6 +367,8 @@ class Registry:
             obj = reg._ref()
             if obj is not None:
                 reg._ref = weakref.ref(obj)
+                if reg._pykind is not None:
+                    reg._pykind.on_end(obj)
 
     def registrations(self) -> list[Registration]:
         """Python-made registrations in registration order, then those made through
@@ -415,6 +418,8 @@ class Registry:
             if lock_id in taken:
                 continue  # shared with an earlier registration: held (or tried) once
             taken.add(lock_id)
+            if kind.held_only_by_this_thread(obj):
+                continue  # the forking thread's own: nothing to wait for
             try:
                 ok = kind.acquire(obj, reg._timeout or 0.0)
             except BaseException as exc:  # report it in the parent, fork anyway

@@ -14,7 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-from forkguard import _backend
+from forkguard import _backend, _sem_owners
 
 DEFAULT_TIMEOUT: Final = 1.0
 
@@ -76,6 +76,11 @@ class PyKind:
         """The object a hold acquires (two registrations sharing it hold it once)."""
         return obj
 
+    def held_only_by_this_thread(self, obj: Any) -> bool:
+        """True if a hold by this thread could only wait for itself: then the data is
+        consistent already (no other thread is inside), and the hold is skipped."""
+        return False
+
     def acquire(self, obj: Any, timeout: float) -> bool:
         return bool(obj.acquire(timeout=timeout))
 
@@ -84,6 +89,12 @@ class PyKind:
 
     def release_child(self, obj: Any, value: int | None) -> None:
         raise NotImplementedError
+
+    def on_register(self, obj: Any) -> None:
+        """Called when `obj` is registered (while the registration lasts)."""
+
+    def on_end(self, obj: Any) -> None:
+        """Called when the registration of the still-living `obj` ends."""
 
 
 class LockKind(PyKind):
@@ -120,18 +131,29 @@ class ConditionKind(PyKind):
 
 
 class SemaphoreKind(PyKind):
-    """A hold takes one unit; the child gets the value from registration time back."""
+    """A hold takes one unit.  The child gets the registered count back, less the
+    units the forking thread holds (counted per thread while registered)."""
 
     def __init__(self, label: str) -> None:
         self.label = label
 
-    def reset(self, obj: Any, value: int | None) -> None:
+    def on_register(self, obj: Any) -> None:
+        _sem_owners.track(obj)
+
+    def held_only_by_this_thread(self, obj: Any) -> bool:
+        return obj._value == 0 and _sem_owners.only_this_thread_holds(obj)
+
+    def on_end(self, obj: Any) -> None:
+        _sem_owners.untrack(obj)
+
+    def reset(self, obj: Any, value: int | None, give_back: int = 0) -> None:
         reset_lock(obj._cond._lock)
         _clear_waiters(obj._cond)
-        obj._value = value
+        mine = _sem_owners.keep_only_this_thread(obj, give_back)
+        obj._value = max(0, (value or 0) - mine)
 
     def release_child(self, obj: Any, value: int | None) -> None:
-        self.reset(obj, value)
+        self.reset(obj, value, give_back=1)  # the hold's unit is back
 
 
 class EventKind(PyKind):
