@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from types import ModuleType
@@ -162,9 +163,11 @@ def test_storm_with_c_api_registrations_and_c_forks(
         gilprobe.free_mutex(*gilprobe.new_mutex())  # reset policy
         gilprobe.free_mutex(*gilprobe.new_mutex(1))  # hold policy
         gilprobe.unregister(gilprobe.new_hooks())
+        time.sleep(0.0002)  # let the main thread have the GIL now and then
 
     def c_forker() -> None:
         assert gilprobe.c_fork_gil_held() == 0
+        time.sleep(0.0002)
 
     def step_for(index: int) -> Callable[[], None]:
         return {8: c_api_user, 9: c_forker}.get(index) or objects.step_for(index)
