@@ -647,13 +647,29 @@ static void hold_release(const fg_active *a)
 /* ------------------------------------------------------------------ */
 /* Restoring objects in the child. */
 
+/* The forking thread's id before the fork and in the child.  The second one
+ * makes a restore idempotent: an object listed twice (the child of a fork that
+ * interrupted a registry update) is found owned by the child's id the second
+ * time, and kept. */
+typedef struct {
+    long before, now;
+} fg_ids;
+
+#if FG_RESET_BY_COPY
+static unsigned int mutex_owned_by_ft(const pthread_mutex_t *m, const fg_ids *ids)
+{
+    unsigned int depth = mutex_owned_by(m, ids->before);
+    return depth ? depth : mutex_owned_by(m, ids->now);
+}
+#endif
+
 #if FG_RESET_BY_COPY
 /* A mutex comes back as zeroes plus its *current* kind word, so one that was
  * destroyed and re-initialised with another type since registration comes
  * back as that type.  What the forking thread owned it owns again (as the
  * child's thread id, at the same depth); what vanished threads owned is
  * released.  A free mutex is only read, so its page is not copied. */
-static void restore_mutex(pthread_mutex_t *m, long ft)
+static void restore_mutex(pthread_mutex_t *m, const fg_ids *ids)
 {
     volatile pthread_mutex_t *v = m;
 #if FG_OWNER_LAYOUT
@@ -668,7 +684,7 @@ static void restore_mutex(pthread_mutex_t *m, long ft)
     int word = MUTEX_KIND_WORD(v);
     if (word & (ROBUST | PP | PSHARED))
         return; /* re-initialised as a kind no template can restore: left alone */
-    unsigned int depth = mutex_owned_by(m, ft);
+    unsigned int depth = mutex_owned_by_ft(m, ids);
     memset(m, 0, sizeof *m);
     MUTEX_KIND_WORD(m) = word;
     if (depth > 0) {
@@ -685,22 +701,23 @@ static void restore_mutex(pthread_mutex_t *m, long ft)
 #endif
 
 /* memcmp/memcpy are async-signal-safe (POSIX 2016). */
-static void restore(const fg_restore *r, void *obj, long ft)
+static void restore(const fg_restore *r, void *obj, const fg_ids *ids)
 {
 #if FG_RESET_BY_COPY
     if (r->kind == FG_KIND_MUTEX) {
-        restore_mutex(obj, ft);
+        restore_mutex(obj, ids);
         return;
     }
     const fg_template *t = r->tpl;
     if (memcmp(obj, &t->u, t->size) == 0)
         return; /* already free: only read, so its page is not copied */
-    int mine = r->kind == FG_KIND_RWLOCK && rwlock_written_by(obj, ft);
+    int mine = r->kind == FG_KIND_RWLOCK &&
+               (rwlock_written_by(obj, ids->before) || rwlock_written_by(obj, ids->now));
     memcpy(obj, &t->u, t->size);
     if (mine)
         pthread_rwlock_trywrlock(obj); /* one atomic operation on a free rwlock, as above */
 #else
-    (void)ft;
+    (void)ids;
     /* Not on POSIX's async-signal-safe list, but on these systems (macOS)
      * initialising a mutex or rwlock only stores into the object: it neither
      * allocates nor locks. */
@@ -714,11 +731,14 @@ static void restore(const fg_restore *r, void *obj, long ft)
 static void restore_all(long ft)
 {
     uint32_t n = OBSERVE(reg.nobj);
+    if (n == 0)
+        return;
+    fg_ids ids = {ft, current_tid()};
     const fg_restore *rs = OBSERVE(reg.restore);
     for (uint32_t k = 0; k < n; k++) {
         void *obj = OBSERVE(rs[k].obj);
         if (obj != NULL)
-            restore(&rs[k], obj, ft);
+            restore(&rs[k], obj, &ids);
     }
 }
 

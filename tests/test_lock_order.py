@@ -137,7 +137,7 @@ def test_c_api_calls_with_the_gil_held_while_another_thread_forks(probe_dir: Pat
 
 
 def test_c_api_calls_with_the_gil_held_hang_the_earlier_discipline(probe_dir: Path) -> None:
-    assert run(probe_dir, OLD_GIL_REGISTRATIONS, deadline=8).hung
+    assert run(probe_dir, OLD_GIL_REGISTRATIONS, deadline=3).hung
 
 
 # Hooks and hold-policy objects wait for a fork in progress when they come and go: a
@@ -214,7 +214,7 @@ def test_forks_from_c_with_the_gil_held_hang_the_earlier_discipline(probe_dir: P
         setup="gilprobe.old_install(); os.register_at_fork(before=gilprobe.old_before)",
         c_fork="gilprobe.c_fork_gil_held()",
     )
-    assert run(probe_dir, program, deadline=8).hung
+    assert run(probe_dir, program, deadline=3).hung
 
 
 # --------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_registering_inside_logging_dictconfig_hangs_the_earlier_discipline(
         "os.register_at_fork(before=gilprobe.old_before)",
         register="gilprobe.old_register()",
     )
-    assert run(probe_dir, program, deadline=8).hung
+    assert run(probe_dir, program, deadline=3).hung
 
 
 def test_before_hooks_that_run_after_forkguards_can_register(probe_dir: Path) -> None:
