@@ -89,19 +89,19 @@ def assert_clean(outcome: Outcome, *expected: str) -> None:
 # A thread registers and unregisters a C mutex through the C API with the GIL held, in
 # a loop, while the main thread forks; a hold on a mutex another thread keeps makes
 # every fork wait in its prepare handler.
-GIL_REGISTRATIONS = """
+# A thread does `work` in a loop (holding the GIL around each C call) while the main
+# thread makes 100 forks.
+BUSY_WHILE_FORKING = """
 import gilprobe
 {setup}
-held = threading.Lock()  # held by a thread for good: every hold waits out 0.05 s
-held_ptr = None
 stop = False
-def ext_user():
+def busy():
     n = 0
     while not stop:
-        {register}
+        {work}
         n += 1
-    print("registrations", "many" if n > 10 else n, flush=True)
-t = threading.Thread(target=ext_user, daemon=True)
+    print("{label}", "many" if n > 10 else n, flush=True)
+t = threading.Thread(target=busy, daemon=True)
 t.start()
 statuses = [fork_and_reap() for _ in range(100)]
 stop = True
@@ -109,7 +109,8 @@ t.join()
 print("children exited 0:", statuses.count(0), "of", len(statuses), flush=True)
 """
 
-NEW_GIL_REGISTRATIONS = GIL_REGISTRATIONS.format(
+NEW_GIL_REGISTRATIONS = BUSY_WHILE_FORKING.format(
+    label="registrations",
     setup="""
 import ctypes, forkguard
 gilprobe.attach()
@@ -119,12 +120,13 @@ forkguard.register(ctypes.addressof(m), kind="pthread_mutex", policy="hold", tim
 threading.Thread(target=lambda: (libc.pthread_mutex_lock(m), time.sleep(600)), daemon=True).start()
 time.sleep(0.1)
 """,
-    register="gilprobe.free_mutex(*gilprobe.new_mutex())",
+    work="gilprobe.free_mutex(*gilprobe.new_mutex())",
 )
 
-OLD_GIL_REGISTRATIONS = GIL_REGISTRATIONS.format(
+OLD_GIL_REGISTRATIONS = BUSY_WHILE_FORKING.format(
+    label="registrations",
     setup="gilprobe.old_install(); os.register_at_fork(before=gilprobe.old_before)",
-    register="gilprobe.old_register()",
+    work="gilprobe.old_register()",
 )
 
 
@@ -164,24 +166,6 @@ def test_hooks_and_holds_registered_with_the_gil_held_during_c_forks(probe_dir: 
 
 # fork() from C with the GIL held (subprocess with user=, an extension) in one thread,
 # os.fork() in another.
-C_FORKS = """
-import gilprobe
-{setup}
-stop = False
-def forker():
-    n = 0
-    while not stop:
-        {c_fork}
-        n += 1
-    print("C forks", "many" if n > 10 else n, flush=True)
-t = threading.Thread(target=forker, daemon=True)
-t.start()
-statuses = [fork_and_reap() for _ in range(100)]
-stop = True
-t.join()
-print("children exited 0:", statuses.count(0), "of", len(statuses), flush=True)
-"""
-
 C_FORKS_SETUP = """
 import ctypes, forkguard
 libc = ctypes.CDLL(None)
@@ -205,14 +189,17 @@ time.sleep(0.1)
 def test_forks_from_c_with_the_gil_held_while_another_thread_forks(
     probe_dir: Path, c_fork: str
 ) -> None:
-    program = C_FORKS.format(setup="import subprocess" + C_FORKS_SETUP, c_fork=c_fork)
+    program = BUSY_WHILE_FORKING.format(
+        label="C forks", setup="import subprocess" + C_FORKS_SETUP, work=c_fork
+    )
     assert_clean(run(probe_dir, program), "children exited 0: 100 of 100", "C forks many")
 
 
 def test_forks_from_c_with_the_gil_held_hang_the_earlier_discipline(probe_dir: Path) -> None:
-    program = C_FORKS.format(
+    program = BUSY_WHILE_FORKING.format(
+        label="C forks",
         setup="gilprobe.old_install(); os.register_at_fork(before=gilprobe.old_before)",
-        c_fork="gilprobe.c_fork_gil_held()",
+        work="gilprobe.c_fork_gil_held()",
     )
     assert run(probe_dir, program, deadline=3).hung
 
