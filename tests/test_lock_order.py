@@ -322,24 +322,29 @@ def test_fork_from_a_signal_handler_that_interrupts_registrations(probe_dir: Pat
     assert_clean(run(probe_dir, program, deadline=60), "equal True", "registry empty True")
 
 
+# A before-hook registered before forkguard (so it runs after forkguard's) forks once.
+FORK_IN_EARLIER_HOOK = """
+once = []
+def spawn_helper_before_fork():
+    if not once:
+        once.append(None)  # before forking: the inner fork runs this hook too
+        once[0] = fork_and_reap()
+os.register_at_fork(before=spawn_helper_before_fork)
+import forkguard
+"""
+
+
 def test_os_fork_inside_an_earlier_before_hook_keeps_the_outer_holds(probe_dir: Path) -> None:
     """A before-hook registered before forkguard runs after forkguard's hook took its
     holds; if it forks, the inner fork keeps the outer fork's holds held (this thread
     holds them for the outer fork) and the outer fork releases them afterwards."""
-    program = """
-    once = []
-    def spawn_helper_before_fork():
-        if not once:
-            once.append(None)  # before forking: the inner fork runs this hook too
-            once[0] = fork_and_reap()
-    os.register_at_fork(before=spawn_helper_before_fork)
-    import forkguard
+    program = FORK_IN_EARLIER_HOOK + textwrap.dedent("""
     L = threading.Lock()
     forkguard.register(L, policy="hold", timeout=0.3)
     print("child exited", fork_and_reap(), flush=True)
     print("inner child exited", once[0], flush=True)
     print("parent can take L:", L.acquire(timeout=2), flush=True)
-    """
+    """)
     assert_clean(
         run(probe_dir, program), "child exited 0", "inner child exited 0", "parent can take L: True"
     )
@@ -348,14 +353,7 @@ def test_os_fork_inside_an_earlier_before_hook_keeps_the_outer_holds(probe_dir: 
 def test_earlier_hold_bookkeeping_loses_the_outer_hold(probe_dir: Path) -> None:
     """The scenario above, with forkguard's per-thread fork state as it was (one slot
     per thread, overwritten by the inner fork): the outer hold stays taken forever."""
-    program = """
-    once = []
-    def spawn_helper_before_fork():
-        if not once:
-            once.append(None)  # before forking: the inner fork runs this hook too
-            once[0] = fork_and_reap()
-    os.register_at_fork(before=spawn_helper_before_fork)
-    import forkguard
+    program = FORK_IN_EARLIER_HOOK + textwrap.dedent("""
     from forkguard import _REGISTRY
     class OneSlot(dict):  # what _forks was: one state per thread
         def setdefault(self, key, default):
@@ -366,7 +364,7 @@ def test_earlier_hold_bookkeeping_loses_the_outer_hold(probe_dir: Path) -> None:
     forkguard.register(L, policy="hold", timeout=0.3)
     fork_and_reap()
     print("parent can take L:", L.acquire(timeout=2), flush=True)
-    """
+    """)
     assert "parent can take L: False" in run(probe_dir, program).lines()
 
 
