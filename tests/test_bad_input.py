@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -39,6 +41,24 @@ class NotALock:
     def acquire(self) -> None: ...
 
     def release(self) -> None: ...
+
+
+def _closed_file() -> Any:
+    f = open(os.devnull, "w")  # noqa: SIM115 - closed on purpose, right away
+    f.close()
+    return f
+
+
+def _detached_buffer() -> Any:
+    buffered = io.BufferedWriter(io.FileIO(os.devnull, "w"))
+    buffered.detach().close()
+    return buffered
+
+
+def _pyio_file() -> Any:
+    import _pyio
+
+    return _pyio.BufferedWriter(_pyio.FileIO(os.devnull, "w"))
 
 
 PY_CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[Exception], str]] = {
@@ -123,7 +143,7 @@ PY_CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[Exception], st
         threading.Event,
         {"policy": "hold"},
         ValueError,
-        "a threading.Event cannot be",
+        "threading.Event cannot be .it has no lock of its own",
     ),
     "hold without acquire": (
         type("R", (), {"__forkguard_reset__": lambda self: None}),
@@ -144,6 +164,22 @@ PY_CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[Exception], st
         {"kind": "pthread_rwlock", "value": 1},
         ValueError,
         "value= applies only to semaphores, not pthread_rwlock_t",
+    ),
+    "closed file": (_closed_file, {}, ValueError, "cannot register a closed io.TextIOWrapper"),
+    "detached buffer": (_detached_buffer, {}, ValueError, "raw stream has been detached"),
+    "raw file": (
+        lambda: open(os.devnull, "wb", buffering=0),  # noqa: SIM115
+        {},
+        TypeError,
+        "an unbuffered raw file has no lock and no buffer",
+    ),
+    "BytesIO": (io.BytesIO, {}, TypeError, "cannot register _io.BytesIO; supported"),
+    "_pyio file": (_pyio_file, {}, TypeError, "not the pure-Python _pyio ones"),
+    "hold a file": (
+        lambda: open(os.devnull, "w"),  # noqa: SIM115
+        {"policy": "hold"},
+        ValueError,
+        "io.TextIOWrapper cannot be .holding it would mean flushing it",
     ),
     "mutex_type for rwlock": (
         lambda: 4096,

@@ -240,9 +240,8 @@ class Registry:
             label = target.kind.label
             if hold and not target.kind.holdable(target.obj):
                 raise ValueError(
-                    f"policy='hold' needs an object that can be acquired, and a {label} "
-                    f"cannot be (objects with __forkguard_reset__ also need "
-                    f"__forkguard_acquire__ and __forkguard_release__); use policy='reset'"
+                    f"policy='hold' needs an object that can be acquired, and {label} "
+                    f"cannot be ({target.kind.not_holdable}); use policy='reset'"
                 )
         else:
             label = _backend.C_TYPE_NAMES[target.kind]

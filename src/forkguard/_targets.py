@@ -7,6 +7,7 @@ restored by the C child handler, for every fork in the process).
 
 from __future__ import annotations
 
+import io
 import queue
 import sys
 import threading
@@ -20,8 +21,10 @@ DEFAULT_TIMEOUT: Final = 1.0
 
 SUPPORTED = (
     "threading.Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event; "
-    "queue.Queue and its subclasses; a cffi pointer to pthread_mutex_t, pthread_rwlock_t "
-    "or sem_t; an integer address with kind='pthread_mutex', 'pthread_rwlock' or 'sem'; "
+    "queue.Queue and its subclasses; io.BufferedWriter, BufferedReader, BufferedRandom, "
+    "BufferedRWPair and TextIOWrapper (sys.stdout, open() files); a cffi pointer to "
+    "pthread_mutex_t, pthread_rwlock_t or sem_t; an integer address with "
+    "kind='pthread_mutex', 'pthread_rwlock' or 'sem'; "
     "any object with a __forkguard_reset__() method"
 )
 
@@ -62,6 +65,9 @@ class PyKind:
     """How one kind of Python object is restored in a child, and held across a fork."""
 
     label: str = ""
+    not_holdable = (
+        "objects with __forkguard_reset__ also need __forkguard_acquire__ and __forkguard_release__"
+    )
 
     def check(self, obj: Any) -> None:
         """Raise TypeError if `obj` lacks the internals this kind relies on."""
@@ -158,6 +164,7 @@ class SemaphoreKind(PyKind):
 
 class EventKind(PyKind):
     label = "threading.Event"
+    not_holdable = "it has no lock of its own to hold"
 
     def holdable(self, obj: Any) -> bool:
         return False
@@ -546,4 +553,10 @@ def _python_kind(obj: object) -> PyKind:
         return _EVENT
     if isinstance(obj, queue.Queue):
         return QueueKind(_type_name(obj))
+    if isinstance(obj, io.IOBase):
+        from forkguard import _cpython_io  # ctypes and the layout probe: only when needed
+
+        io_kind = _cpython_io.kind_for(obj)
+        if io_kind is not None:
+            return io_kind
     raise TypeError(f"cannot register {_type_name(obj)}; supported: {SUPPORTED}")
