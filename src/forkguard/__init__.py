@@ -17,6 +17,7 @@ import os
 from typing import Literal
 
 from forkguard import _backend, _registry
+from forkguard._protect import Protection
 from forkguard._registry import HoldTimeoutWarning, Policy, Registration
 from forkguard._targets import DEFAULT_TIMEOUT
 
@@ -25,9 +26,11 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "HoldTimeoutWarning",
     "Policy",
+    "Protection",
     "Registration",
     "at_fork",
     "get_include",
+    "protect",
     "register",
     "registrations",
 ]
@@ -90,6 +93,31 @@ def register(
         value=value,
         mutex_type=mutex_type,
     )
+
+
+def protect() -> Protection:
+    """Repair every lock the program makes, in every forked child: one call for applications.
+
+    From the call on, ``threading.Lock``, ``RLock`` and ``Condition`` make tracked
+    objects, so every Condition, Semaphore, Event, Barrier, ``queue.Queue``, logging
+    handler and third-party lock made the usual way is covered; files opened through
+    ``open()`` are registered as they are opened.  Queues, conditions, semaphores,
+    events, logging handlers (their locks and streams) and ``sys.stdin``/``stdout``/
+    ``stderr`` that exist already are registered now.
+
+    In each forked child, a tracked lock that a thread other than the forking thread
+    held at the fork is free; what the forking thread holds stays held (a plain
+    ``Lock`` too: a tracked Lock records who acquired it).  Only locks held (or
+    waited for) at the fork cost anything per fork.
+
+    Libraries should use ``register()`` instead.  Calling ``protect()`` again returns
+    the same handle; ``handle.undo()`` (or leaving ``with forkguard.protect():``)
+    switches it off.  Run a whole program protected with
+    ``python -m forkguard run script.py`` (see the README).
+    """
+    from forkguard import _protect
+
+    return _protect.protect()
 
 
 def at_fork(

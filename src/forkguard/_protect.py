@@ -1,0 +1,311 @@
+"""``forkguard.protect()``: every lock ``threading`` hands out, repaired in forked children.
+
+From the call on, ``threading.Lock`` and ``threading.RLock`` (and so Condition,
+Semaphore, BoundedSemaphore, Event, Barrier, ``queue.Queue``, logging handlers and
+any library that makes its locks the usual way) make *tracked* locks:
+
+- ``Lock`` is a small Python class around a ``_thread`` lock that records which
+  thread acquired it.  Its inner lock is made on first use, so creating one costs
+  about what creating a bare lock costs.
+- ``RLock`` is a subclass of CPython's C RLock (which records its owner itself).
+
+A tracked lock is listed while some thread holds it or waits for it, and only
+then: nothing is kept for a lock nobody holds (so an idle lock costs nothing per
+fork and is never kept alive), and a fork's only work is in the child, one step
+per listed lock.  In the child every listed lock held by a thread other than the
+forking thread (gone in the child) is made free; what the forking thread holds
+stays held, a plain ``Lock`` included, since the wrapper knows who acquired it.
+
+At the call, the objects that can be found are enrolled with ``register()``:
+queues, conditions, semaphores and events alive now, logging handlers' locks and
+streams, and ``sys.stdin``/``stdout``/``stderr``; files opened afterwards through
+``open()`` / ``io.open()`` are enrolled as they are opened.
+"""
+
+from __future__ import annotations
+
+import _thread
+import builtins
+import contextlib
+import gc
+import io
+import logging
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from forkguard import _cpython_io, _registry
+
+_get_ident = _thread.get_ident
+_allocate = _thread.allocate_lock
+_CRLock: Any = _thread.RLock
+
+# Locks held or waited for, one entry per holder or waiter (list.append and
+# list.remove are each one atomic step under the GIL, and locked internally on a
+# free-threaded build).
+_active: list[Any] = []
+_enter = _active.append
+_leave = _active.remove
+_make_lock = _allocate()  # guards the lazy creation of a Lock's inner lock
+
+
+class Lock:
+    """A ``threading.Lock`` that remembers who holds it (made by ``protect()``)."""
+
+    __slots__ = ("__weakref__", "_block", "_owner")
+    _block: Any
+    _owner: int
+
+    def _inner(self) -> Any:
+        try:
+            return self._block
+        except AttributeError:
+            pass
+        with _make_lock:
+            try:
+                return self._block
+            except AttributeError:
+                block = self._block = _allocate()
+                return block
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        try:
+            block = self._block
+        except AttributeError:
+            block = self._inner()
+        _enter(self)
+        try:
+            got = block.acquire(blocking, timeout)
+        except BaseException:
+            _leave(self)
+            raise
+        if got:
+            self._owner = _get_ident()
+        else:
+            _leave(self)
+        return bool(got)
+
+    __enter__ = acquire
+
+    def release(self) -> None:
+        try:
+            block = self._block
+        except AttributeError:
+            raise RuntimeError("release unlocked lock") from None
+        self._owner = 0
+        block.release()
+        _leave(self)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def locked(self) -> bool:
+        try:
+            return bool(self._block.locked())
+        except AttributeError:
+            return False
+
+    def _is_owned(self) -> bool:
+        return self.locked() and getattr(self, "_owner", 0) == _get_ident()
+
+    def _at_fork_reinit(self) -> None:
+        self._inner()._at_fork_reinit()
+        self._owner = 0
+
+    def _forkguard_child(self) -> bool:
+        """In a child: free unless the forking thread holds it (then True: still held)."""
+        if self._is_owned():
+            return True
+        self._at_fork_reinit()
+        return False
+
+    def __repr__(self) -> str:
+        state = "locked" if self.locked() else "unlocked"
+        return f"<{state} forkguard-tracked lock object at {id(self):#x}>"
+
+
+class RLock(_CRLock):  # type: ignore[misc]
+    """A ``threading.RLock`` that is listed while held (made by ``protect()``)."""
+
+    __slots__ = ()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        _enter(self)
+        try:
+            got = _CRLock.acquire(self, blocking, timeout)
+        except BaseException:
+            _leave(self)
+            raise
+        if not got:
+            _leave(self)
+        return bool(got)
+
+    __enter__ = acquire
+
+    def release(self) -> None:
+        _CRLock.release(self)
+        _leave(self)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def _forkguard_child(self) -> bool:
+        if self._is_owned():
+            return True
+        self._at_fork_reinit()
+        return False
+
+
+class Condition(threading.Condition):
+    """A ``threading.Condition`` that is listed while some thread waits on it."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        _enter(self)
+        try:
+            return super().wait(timeout)
+        finally:
+            _leave(self)
+
+    def _forkguard_child(self) -> bool:
+        # The waiters were other threads (the forking thread is not waiting): gone.
+        # Left in the list, a notify() would "wake" one of them instead of a live thread.
+        self._waiters.clear()  # type: ignore[attr-defined]
+        return False
+
+
+def _rlock(*args: object, **kwargs: object) -> RLock:
+    return RLock(*args, **kwargs)
+
+
+def _child_repairs() -> None:
+    """In the child: free every listed lock the forking thread does not hold, and
+    forget the waiters of listed conditions."""
+    if not _active:
+        return
+    kept: list[Any] = []
+    for obj in dict.fromkeys(_active):  # each object once, oldest first
+        if obj._forkguard_child():
+            kept.extend(x for x in _active if x is obj)
+    _active[:] = kept
+
+
+# --------------------------------------------------------------------------
+# The switch.
+
+
+class Protection:
+    """What ``protect()`` returns: ``undo()`` it (or leave its ``with`` block)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._saved: list[tuple[Any, str, Any]] = []
+        self._enrolled: list[_registry.Registration] = []
+
+    def __enter__(self) -> Protection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.undo()
+
+    def undo(self) -> None:
+        """Locks made from now on are plain again; enrolled objects are unregistered.
+
+        Tracked locks made meanwhile keep working as locks, no longer repaired."""
+        global _current
+        if not self.active:
+            return
+        for owner, name, value in reversed(self._saved):
+            setattr(owner, name, value)
+        for reg in self._enrolled:
+            reg.unregister()
+        self._saved.clear()
+        self._enrolled.clear()
+        self.active = False
+        _current = None
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "undone"
+        return f"<forkguard.Protection {state}, {len(self._enrolled)} objects enrolled>"
+
+    def _patch(self, owner: Any, name: str, value: Any) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def _enroll(self, obj: object) -> None:
+        # Not everything found can be reset (a closed file, a raw one ...): skip those.
+        with contextlib.suppress(TypeError, ValueError):
+            self._enrolled.append(_REGISTRY().register(obj))
+
+
+_current: Protection | None = None
+_hooked = False
+
+
+def _REGISTRY() -> _registry.Registry:
+    import forkguard
+
+    return forkguard._REGISTRY
+
+
+def _after_in_child() -> None:
+    global _make_lock
+    _make_lock = _allocate()  # another thread may have held it
+    if _current is not None:
+        _child_repairs()
+
+
+def protect() -> Protection:
+    global _current, _hooked
+    if _current is not None:
+        return _current
+    handle = Protection()
+    # Import ctypes and probe the io layout now: both open files, which must not
+    # re-enter the open() wrapped below.
+    _cpython_io._layout()
+    if not _hooked:
+        os.register_at_fork(after_in_child=_after_in_child)
+        _hooked = True
+    handle._patch(threading, "Lock", Lock)
+    handle._patch(threading, "RLock", _rlock)
+    handle._patch(threading, "Condition", Condition)
+    _wrap_open(handle)
+    handle.active = True
+    _current = handle
+    for obj in _findable():
+        handle._enroll(obj)
+    return handle
+
+
+def _wrap_open(handle: Protection) -> None:
+    original: Callable[..., Any] = io.open
+
+    def open(*args: Any, **kwargs: Any) -> Any:
+        f = original(*args, **kwargs)
+        if handle.active and isinstance(f, (io.TextIOWrapper, io.BufferedIOBase)):
+            handle._enroll(f)
+        return f
+
+    open.__doc__ = original.__doc__
+    handle._patch(io, "open", open)
+    handle._patch(builtins, "open", open)
+
+
+_FINDABLE = (queue.Queue, threading.Condition, threading.Semaphore, threading.Event)
+
+
+def _findable() -> list[object]:
+    """Objects alive now whose locks protect() can no longer wrap."""
+    found: list[object] = [f for f in (sys.stdin, sys.stdout, sys.stderr) if f is not None]
+    for obj in gc.get_objects():
+        if isinstance(obj, _FINDABLE):
+            found.append(obj)
+        elif isinstance(obj, logging.Handler):
+            if obj.lock is not None:
+                found.append(obj.lock)
+            stream = getattr(obj, "stream", None)
+            if stream is not None:
+                found.append(stream)
+    return found

@@ -1,0 +1,111 @@
+"""The two buffered-I/O hangs of real programs, as whole programs (tests/io_scenarios.py).
+
+Each runs in its own interpreter with stdout on a pipe (block-buffered, as under a
+process manager) and every child under a 2 s alarm; what must arrive is counted:
+every child's line exactly once, and no line of the parent's twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = str(Path(__file__).with_name("io_scenarios.py"))
+FORKS = 30
+
+
+def run(scenario: str, mode: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                SCRIPT,
+                scenario,
+                "--mode",
+                mode,
+                "--forks",
+                str(FORKS),
+                "--results",
+                str(write_end),
+            ],
+            capture_output=True,
+            env=env,
+            timeout=120,
+            pass_fds=(write_end,),
+            check=False,
+        )
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as marks:
+            done = marks.read().decode()
+    finally:
+        with contextlib.suppress(OSError):  # closed above unless run() failed
+            os.close(write_end)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    summary: dict[str, Any] = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    out = proc.stdout.decode(errors="replace")
+    # Lines from several processes share one pipe, so a child's line can land inside
+    # a thread's line: match the pieces, not whole lines.
+    summary["children"] = re.findall(r"child (\d+)\n", out)
+    thread_lines = re.findall(r"thread (\d+)\n", out)
+    summary["thread_repeats"] = len(thread_lines) - len(set(thread_lines))
+    summary["done"] = re.findall(r"done (\d+)\n", done)
+    return summary
+
+
+def run_until_hang(scenario: str, mode: str, attempts: int = 8) -> list[dict[str, Any]]:
+    """Unprotected runs until one has a hung child and one a repeated line (each likely
+    in a run, not certain)."""
+    results: list[dict[str, Any]] = []
+    while len(results) < attempts:
+        results.append(run(scenario, mode))
+        if any(r["hung"] for r in results) and (
+            scenario != "print" or any(r["thread_repeats"] for r in results)
+        ):
+            break
+    return results
+
+
+def _all_once(found: list[str]) -> bool:
+    return sorted(map(int, found)) == list(range(FORKS))
+
+
+def test_print_hangs_children_without_forkguard() -> None:
+    results = run_until_hang("print", "bare")
+    assert any(r["hung"] for r in results), results
+    # ... and children that did not hang wrote the parent's buffered lines again.
+    assert sum(r["thread_repeats"] for r in results) > 0, results
+
+
+@pytest.mark.parametrize("mode", ["register", "protect"])
+def test_print_with_stdout_registered_never_hangs_and_writes_each_line_once(mode: str) -> None:
+    result = run("print", mode)
+    assert (result["hung"], result["failed"]) == (0, 0), result
+    assert _all_once(result["children"]), result
+    assert result["thread_repeats"] == 0, result
+
+
+def test_shutdown_hangs_children_without_forkguard() -> None:
+    results = run_until_hang("shutdown", "bare")
+    assert any(r["hung"] for r in results), results
+
+
+def test_shutdown_hangs_with_only_the_queue_registered() -> None:
+    results = run_until_hang("shutdown", "queue")
+    assert any(r["hung"] for r in results), results
+
+
+@pytest.mark.parametrize("mode", ["register", "protect"])
+def test_shutdown_with_queue_and_stream_registered_never_hangs(mode: str) -> None:
+    result = run("shutdown", mode)
+    assert (result["hung"], result["failed"]) == (0, 0), result
+    assert _all_once(result["done"]), result
