@@ -27,6 +27,7 @@ SUITES = {
     "fork": "bench_fork.py",
     "register": "bench_register.py",
     "start": "bench_start.py",
+    "protect": "bench_protect.py",
 }
 # pyperf settings per mode: worker processes per benchmark and values per process.
 MODES = {

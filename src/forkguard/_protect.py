@@ -115,11 +115,15 @@ class Lock:
         self._inner()._at_fork_reinit()
         self._owner = 0
 
-    def _forkguard_child(self) -> bool:
-        """In a child: free unless the forking thread holds it (then True: still held)."""
-        if self._is_owned():
-            return True
-        self._at_fork_reinit()
+    def _forkguard_child(self, me: int) -> bool:
+        """In a child, for thread `me`: free unless `me` holds it (then True: held)."""
+        block = self._block  # a listed lock has been acquired, so it has one
+        if block.locked():
+            if self._owner == me:
+                return True
+            # Held by a thread that is gone.  A plain lock may be released by any
+            # thread; cheaper than _at_fork_reinit(), which allocates a new lock.
+            block.release()
         return False
 
     def __repr__(self) -> str:
@@ -152,7 +156,7 @@ class RLock(_CRLock):  # type: ignore[misc]
     def __exit__(self, *exc_info: object) -> None:
         self.release()
 
-    def _forkguard_child(self) -> bool:
+    def _forkguard_child(self, me: int) -> bool:
         if self._is_owned():
             return True
         self._at_fork_reinit()
@@ -169,7 +173,7 @@ class Condition(threading.Condition):
         finally:
             _leave(self)
 
-    def _forkguard_child(self) -> bool:
+    def _forkguard_child(self, me: int) -> bool:
         # The waiters were other threads (the forking thread is not waiting): gone.
         # Left in the list, a notify() would "wake" one of them instead of a live thread.
         self._waiters.clear()  # type: ignore[attr-defined]
@@ -185,11 +189,9 @@ def _child_repairs() -> None:
     forget the waiters of listed conditions."""
     if not _active:
         return
-    kept: list[Any] = []
-    for obj in dict.fromkeys(_active):  # each object once, oldest first
-        if obj._forkguard_child():
-            kept.extend(x for x in _active if x is obj)
-    _active[:] = kept
+    me = _get_ident()
+    kept = {id(obj) for obj in dict.fromkeys(_active) if obj._forkguard_child(me)}
+    _active[:] = [obj for obj in _active if id(obj) in kept] if kept else []
 
 
 # --------------------------------------------------------------------------
