@@ -27,6 +27,7 @@ from __future__ import annotations
 import _thread
 import builtins
 import contextlib
+import functools
 import gc
 import io
 import logging
@@ -34,6 +35,7 @@ import os
 import queue
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -204,7 +206,9 @@ class Protection:
     def __init__(self) -> None:
         self.active = False
         self._saved: list[tuple[Any, str, Any]] = []
-        self._enrolled: list[_registry.Registration] = []
+        # Weak: a registration ends when its object goes (a closed, dropped file), and a
+        # long-running program opens files without end.
+        self._enrolled: weakref.WeakSet[_registry.Registration] = weakref.WeakSet()
 
     def __enter__(self) -> Protection:
         return self
@@ -221,7 +225,7 @@ class Protection:
             return
         for owner, name, value in reversed(self._saved):
             setattr(owner, name, value)
-        for reg in self._enrolled:
+        for reg in list(self._enrolled):
             reg.unregister()
         self._saved.clear()
         self._enrolled.clear()
@@ -239,7 +243,7 @@ class Protection:
     def _enroll(self, obj: object) -> None:
         # Not everything found can be reset (a closed file, a raw one ...): skip those.
         with contextlib.suppress(TypeError, ValueError):
-            self._enrolled.append(_REGISTRY().register(obj))
+            self._enrolled.add(_REGISTRY().register(obj))
 
 
 _current: Protection | None = None
@@ -264,6 +268,10 @@ def protect() -> Protection:
     if _current is not None:
         return _current
     handle = Protection()
+    if not hasattr(os, "register_at_fork"):  # no fork() here (Windows): nothing to do
+        handle.active = True
+        _current = handle
+        return handle
     # Import ctypes and probe the io layout now: both open files, which must not
     # re-enter the open() wrapped below.
     _cpython_io._layout()
@@ -284,13 +292,13 @@ def protect() -> Protection:
 def _wrap_open(handle: Protection) -> None:
     original: Callable[..., Any] = io.open
 
+    @functools.wraps(original)
     def open(*args: Any, **kwargs: Any) -> Any:
         f = original(*args, **kwargs)
         if handle.active and isinstance(f, (io.TextIOWrapper, io.BufferedIOBase)):
             handle._enroll(f)
         return f
 
-    open.__doc__ = original.__doc__
     handle._patch(io, "open", open)
     handle._patch(builtins, "open", open)
 
