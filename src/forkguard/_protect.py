@@ -120,12 +120,14 @@ class Lock:
     def _forkguard_child(self, me: int) -> bool:
         """In a child, for thread `me`: free unless `me` holds it (then True: held)."""
         block = self._block  # a listed lock has been acquired, so it has one
-        if block.locked():
-            if self._owner == me:
-                return True
-            # Held by a thread that is gone.  A plain lock may be released by any
-            # thread; cheaper than _at_fork_reinit(), which allocates a new lock.
+        if block.acquire(False):  # really free (locked() can lag: see below)
             block.release()
+            return False
+        if block.locked() and self._owner == me:
+            return True
+        # Held by a thread that is gone, or taken at the OS level by a waiter that had
+        # not yet got the GIL back to say so: either way, a fresh lock.
+        block._at_fork_reinit()
         return False
 
     def __repr__(self) -> str:
