@@ -170,9 +170,11 @@ def _targets(r: Results) -> list[Target]:
         ["protect/fork/10000/tracked", "protect/fork/10000/bare"],
         idle_fork,
         "an idle tracked lock is not listed anywhere, so the fork does no work for it; "
-        "what differs is the process's memory (a tracked lock is a 56-byte object around "
-        "the bare lock), which the kernel copies page tables for, and the noise of a "
-        "shared machine (see the ± columns).",
+        "most of the difference is what protect() enrols besides locks: sys.stdin, stdout "
+        "and stderr are re-initialised in every child (70-120 µs timed there), whether or "
+        "not anything was buffered. Skipping idle files needs the buffered lock's address, "
+        "verified without dereferencing a guess (a probe in a subprocess); the rest is the "
+        "noise of a shared machine (see the ± columns).",
     )
 
     def per_held() -> tuple[str, bool]:

@@ -14,12 +14,14 @@ See the README for policies ("reset" and "hold"), C objects, and limits.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from forkguard import _backend, _registry
-from forkguard._protect import Protection
 from forkguard._registry import HoldTimeoutWarning, Policy, Registration
 from forkguard._targets import DEFAULT_TIMEOUT
+
+if TYPE_CHECKING:  # imported on first use: protect() needs ctypes, plain use does not
+    from forkguard._protect import Protection
 
 __version__ = "0.1.0"
 __all__ = [
@@ -149,6 +151,10 @@ def get_include() -> str:
 
 
 def __getattr__(name: str) -> object:
+    if name == "Protection":
+        from forkguard._protect import Protection
+
+        return Protection
     # The C API, made on first use: `_C_API` is the capsule forkguard_import()
     # imports; `_C_API_ADDRESS` is the table's address for cffi and ctypes users.
     if name in ("_C_API", "_C_API_ADDRESS") and isinstance(

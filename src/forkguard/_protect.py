@@ -123,7 +123,7 @@ class Lock:
         if block.acquire(False):  # really free (locked() can lag: see below)
             block.release()
             return False
-        if block.locked() and self._owner == me:
+        if block.locked() and getattr(self, "_owner", 0) == me:  # unset: never acquired
             return True
         # Held by a thread that is gone, or taken at the OS level by a waiter that had
         # not yet got the GIL back to say so: either way, a fresh lock.
