@@ -316,7 +316,9 @@ def test_fork_from_a_signal_handler_that_interrupts_registrations(probe_dir: Pat
     gilprobe.attach()
     forks, ok = gilprobe.signal_fork_storm(2000)
     print("signal forks", forks, "ok", ok, flush=True)
-    print("equal", forks == ok and forks > 100, flush=True)
+    # Signals that land during a handler merge: under ASan fewer than 100 of the 2,000
+    # become forks, so the floor only proves the storm ran.
+    print("equal", forks == ok and forks >= 50, flush=True)
     print("registry empty", forkguard._REGISTRY.backend.count() == 0, flush=True)
     """
     assert_clean(run(probe_dir, program, deadline=60), "equal True", "registry empty True")
