@@ -51,6 +51,7 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     answered = 0
+    failures: list[str] = []
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
@@ -63,8 +64,8 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
                 conn.request("GET", f"/{i}")
                 reply = conn.getresponse()
                 answered += reply.status == 200 and reply.read().startswith(b"ok ")
-            except OSError:
-                pass  # the worker was killed mid-request: not answered
+            except OSError as exc:  # the worker was killed mid-request: not answered
+                failures.append(repr(exc))
             finally:
                 conn.close()
             if stop_at_first_hang and "WORKER TIMEOUT" in errors.read_text():
@@ -85,6 +86,8 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
         "answered": answered,
         "hung_workers": log.count("WORKER TIMEOUT"),
         "workers_booted": log.count("Booting worker"),
+        "failures": failures[:5],
+        "log_tail": log[-1500:] if failures else "",
     }
 
 
