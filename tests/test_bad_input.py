@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
 import io
 import multiprocessing
 import os
 import queue
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -53,6 +57,10 @@ def _detached_buffer() -> Any:
     buffered = io.BufferedWriter(io.FileIO(os.devnull, "w"))
     buffered.detach().close()
     return buffered
+
+
+def _gzip_file() -> Any:
+    return gzip.GzipFile(fileobj=io.BytesIO(), mode="wb")
 
 
 def _pyio_file() -> Any:
@@ -180,6 +188,21 @@ PY_CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[Exception], st
         {"policy": "hold"},
         ValueError,
         "io.TextIOWrapper cannot be .holding it would mean flushing it",
+    ),
+    "zlib compressor": (zlib.compressobj, {}, TypeError, "zlib.Compress: .* cut mid-call"),
+    "bz2 decompressor": (bz2.BZ2Decompressor, {}, TypeError, "cut mid-call"),
+    "gzip file": (_gzip_file, {}, TypeError, r"gzip\.GzipFile: .* open the file again"),
+    "text over gzip": (
+        lambda: io.TextIOWrapper(_gzip_file(), encoding="utf-8"),
+        {},
+        TypeError,
+        r"io\.TextIOWrapper over gzip\.GzipFile",
+    ),
+    "hold a hash": (
+        hashlib.sha256,
+        {"policy": "hold"},
+        ValueError,
+        "taken only inside CPython's C code",
     ),
     "mutex_type for rwlock": (
         lambda: 4096,

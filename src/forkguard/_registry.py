@@ -82,7 +82,7 @@ class Registration:
         self._timeout: float | None = None
         self._key: tuple[str, int] | None = None
         self._pykind: _targets.PyKind | None = None
-        self._ref: weakref.ref[Any] | None = None
+        self._ref: weakref.ref[Any] | _targets.StrongReference | None = None
         self._value: int | None = None
         self._handle: int | None = None
         self._address: int | None = None
@@ -172,7 +172,8 @@ class Registration:
             what = "at_fork hooks"
         elif self._pykind is not None:
             obj = self._ref() if self._ref is not None else None
-            what = f"{self._label} at {id(obj):#x}" if obj is not None else f"{self._label} (gone)"
+            gone = "(gone)" if self._pykind.weak else "(released)"
+            what = f"{self._label} at {id(obj):#x}" if obj is not None else f"{self._label} {gone}"
         else:
             what = f"{self.kind} at {self._address:#x}"
         policy = ""
@@ -273,7 +274,7 @@ class Registry:
             else:
                 reg._pykind = target.kind
                 reg._address = id(target.obj)
-                reg._ref = entry = _targets.weak_reference(target.obj, reg._collected)
+                reg._ref = entry = _targets.reference(target.obj, target.kind, reg._collected)
                 target.kind.on_register(target.obj)
                 if hold:
                     bucket, entry = self._holds, reg
@@ -365,7 +366,8 @@ class Registry:
             # one, so an ended registration is freed now, not at the next cyclic GC.
             obj = reg._ref()
             if obj is not None:
-                reg._ref = weakref.ref(obj)
+                # (An object without weak references is let go of altogether.)
+                reg._ref = weakref.ref(obj) if reg._pykind is None or reg._pykind.weak else None
                 if reg._pykind is not None:
                     reg._pykind.on_end(obj)
 

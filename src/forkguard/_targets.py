@@ -18,11 +18,18 @@ from typing import Any, Final
 from forkguard import _backend, _sem_owners
 
 DEFAULT_TIMEOUT: Final = 1.0
+# Modules of CPython's C types that guard their state with a lock of their own
+# (_cpython_locks.py): hashes (reset), and (de)compressors (refused).
+HASH_MODULES: Final = frozenset(
+    {"_hashlib", "_blake2", "_sha3", "_md5", "_sha1", "_sha2", "_sha256", "_sha512"}
+)
+CODEC_MODULES: Final = frozenset({"zlib", "_bz2", "_lzma"})
 
 SUPPORTED = (
     "threading.Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event; "
     "queue.Queue and its subclasses; io.BufferedWriter, BufferedReader, BufferedRandom, "
-    "BufferedRWPair and TextIOWrapper (sys.stdout, open() files); a cffi pointer to "
+    "BufferedRWPair and TextIOWrapper (sys.stdout, open() files); hashlib's hash and HMAC "
+    "objects; a cffi pointer to "
     "pthread_mutex_t, pthread_rwlock_t or sem_t; an integer address with "
     "kind='pthread_mutex', 'pthread_rwlock' or 'sem'; "
     "any object with a __forkguard_reset__() method"
@@ -65,6 +72,7 @@ class PyKind:
     """How one kind of Python object is restored in a child, and held across a fork."""
 
     label: str = ""
+    weak = True  # registered through a weak reference (else kept alive while registered)
     not_holdable = (
         "objects with __forkguard_reset__ also need __forkguard_acquire__ and __forkguard_release__"
     )
@@ -521,6 +529,24 @@ def _classify_python(obj: object, kind: object, value: object, mutex_type: objec
     return PyTarget(obj, pykind, target_value)
 
 
+class StrongReference:
+    """Stands in for a weak reference to an object that supports none."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: object) -> None:
+        self._obj = obj
+
+    def __call__(self) -> Any:
+        return self._obj
+
+
+def reference(
+    obj: object, kind: PyKind, callback: Callable[[Any], None]
+) -> weakref.ref[Any] | StrongReference:
+    return weak_reference(obj, callback) if kind.weak else StrongReference(obj)
+
+
 def weak_reference(obj: object, callback: Callable[[Any], None]) -> weakref.ref[Any]:
     try:
         return weakref.ref(obj, callback)
@@ -559,4 +585,10 @@ def _python_kind(obj: object) -> PyKind:
         io_kind = _cpython_io.kind_for(obj)
         if io_kind is not None:
             return io_kind
+    if cls.__module__ in HASH_MODULES | CODEC_MODULES or isinstance(obj, io.IOBase):
+        from forkguard import _cpython_locks
+
+        c_lock_kind = _cpython_locks.kind_for(obj)
+        if c_lock_kind is not None:
+            return c_lock_kind
     raise TypeError(f"cannot register {_type_name(obj)}; supported: {SUPPORTED}")
