@@ -4,12 +4,14 @@ forking thread holds them; the switch undoes cleanly; tracked locks behave as lo
 from __future__ import annotations
 
 import _thread
+import contextlib
 import io
 import os
 import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,21 @@ def test_a_lock_held_elsewhere_is_free_in_the_child(protection: Any, make: str) 
     finally:
         let_go()
     assert not _protect._active
+
+
+@pytest.mark.parametrize("protected", [False, True], ids=["bare", "protect"])
+def test_strptime_s_module_lock_held_elsewhere(protected: bool) -> None:
+    import _strptime  # made with _thread at import: protect() frees it by name
+
+    let_go = held_elsewhere(_strptime._cache_lock.acquire, _strptime._cache_lock.release)
+    try:
+        with forkguard.protect() if protected else contextlib.nullcontext():
+            result = run_in_child(
+                lambda: time.strptime("2026", "%Y").tm_year == 2026, deadline=DEADLINE
+            )
+    finally:
+        let_go()
+    assert result.status == ("ok" if protected else "hung"), result
 
 
 def test_a_plain_lock_the_forking_thread_holds_stays_held(protection: Any) -> None:

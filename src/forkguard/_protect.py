@@ -35,11 +35,12 @@ import os
 import queue
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
 
-from forkguard import _cpython_io, _registry
+from forkguard import _cpython_io, _import_locks, _registry
 
 _get_ident = _thread.get_ident
 _allocate = _thread.allocate_lock
@@ -207,6 +208,7 @@ class Protection:
 
     def __init__(self) -> None:
         self.active = False
+        self._imports = False  # module import locks repaired in children
         self._saved: list[tuple[Any, str, Any]] = []
         # Weak: a registration ends when its object goes (a closed, dropped file), and a
         # long-running program opens files without end.
@@ -258,11 +260,31 @@ def _REGISTRY() -> _registry.Registry:
     return forkguard._REGISTRY
 
 
+# Module-level locks of the standard library made with _thread directly, so never
+# tracked; freed in the child when their module is loaded.  Only held inside code
+# that cannot fork, so a held one belongs to a vanished thread.
+_STDLIB_LOCKS = (("_strptime", "_cache_lock"),)  # time.strptime, datetime.strptime
+
+
+def _free_stdlib_locks() -> None:
+    for module, name in _STDLIB_LOCKS:
+        lock = getattr(sys.modules.get(module), name, None)
+        if lock is None:
+            continue
+        if lock.acquire(False):
+            lock.release()
+        else:
+            lock._at_fork_reinit()
+
+
 def _after_in_child() -> None:
     global _make_lock
     _make_lock = _allocate()  # another thread may have held it
     if _current is not None:
         _child_repairs()
+        _free_stdlib_locks()
+        if _current._imports:
+            _import_locks.repair_in_child(_get_ident())
 
 
 def protect() -> Protection:
@@ -280,6 +302,15 @@ def protect() -> Protection:
     if not _hooked:
         os.register_at_fork(after_in_child=_after_in_child)
         _hooked = True
+    reason = _import_locks.unverified()
+    if reason is not None:
+        warnings.warn(
+            f"forkguard.protect(): module import locks will not be repaired in children "
+            f"on this interpreter ({reason})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    handle._imports = reason is None
     handle._patch(threading, "Lock", Lock)
     handle._patch(threading, "RLock", _rlock)
     handle._patch(threading, "Condition", Condition)
