@@ -18,16 +18,14 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import threading
-import time
-import warnings
 from logging.handlers import QueueHandler, QueueListener
 from queue import Queue
 from typing import Any
 
-CHILD_ALARM = 2
+from scenario_script import fork_children
+
 THREAD_LINES = 200_000  # the printing thread's bound: at most ~2.6 MB through the pipe
 
 
@@ -39,30 +37,6 @@ def _protect(mode: str, *objects: object) -> None:
         return
     for obj in objects:
         forkguard.register(obj)
-
-
-def _fork_children(forks: int, child: Any) -> dict[str, int]:
-    warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded ... fork()"
-    pids = []
-    for k in range(forks):
-        time.sleep(0.003)
-        pid = os.fork()
-        if pid == 0:
-            signal.alarm(CHILD_ALARM)
-            try:
-                child(k)
-            finally:
-                os._exit(0)
-        pids.append(pid)
-    hung = failed = 0
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        if os.WIFSIGNALED(status):
-            hung += os.WTERMSIG(status) == signal.SIGALRM
-            failed += os.WTERMSIG(status) != signal.SIGALRM
-        else:
-            failed += os.WEXITSTATUS(status) != 0
-    return {"forks": forks, "hung": hung, "failed": failed}
 
 
 def print_scenario(mode: str, forks: int) -> dict[str, int]:
@@ -83,7 +57,7 @@ def print_scenario(mode: str, forks: int) -> dict[str, int]:
         print("child", k)
         sys.stdout.flush()
 
-    summary = _fork_children(forks, child)
+    summary = fork_children(forks, child)
     stop.set()
     thread.join()
     sys.stdout.flush()
@@ -116,7 +90,7 @@ def shutdown_scenario(mode: str, forks: int, results: int) -> dict[str, int]:
         logging.shutdown()
         os.write(results, b"done %d\n" % k)
 
-    summary = _fork_children(forks, child)
+    summary = fork_children(forks, child)
     stop.set()
     thread.join()
     listener.stop()

@@ -7,52 +7,20 @@ every child's line exactly once, and no line of the parent's twice.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from scenario_script import run_script
 
 SCRIPT = str(Path(__file__).with_name("io_scenarios.py"))
 FORKS = 30
 
 
 def run(scenario: str, mode: str) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    read_end, write_end = os.pipe()
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                SCRIPT,
-                scenario,
-                "--mode",
-                mode,
-                "--forks",
-                str(FORKS),
-                "--results",
-                str(write_end),
-            ],
-            capture_output=True,
-            env=env,
-            timeout=120,
-            pass_fds=(write_end,),
-            check=False,
-        )
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as marks:
-            done = marks.read().decode()
-    finally:
-        with contextlib.suppress(OSError):  # closed above unless run() failed
-            os.close(write_end)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    summary: dict[str, Any] = json.loads(proc.stderr.decode().strip().splitlines()[-1])
-    out = proc.stdout.decode(errors="replace")
+    summary, out, done = run_script(SCRIPT, scenario, "--mode", mode, "--forks", str(FORKS))
     # Lines from several processes share one pipe, so a child's line can land inside
     # a thread's line: match the pieces, not whole lines.
     summary["children"] = re.findall(r"child (\d+)\n", out)
