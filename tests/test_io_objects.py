@@ -226,7 +226,31 @@ def test_an_unverifiable_layout_is_refused_by_name(monkeypatch: pytest.MonkeyPat
 def test_the_layout_is_verified_on_this_interpreter() -> None:
     lay = _cpython_io.layout()
     assert lay.owner % 8 == 0 and lay.owner < lay.basicsize
+    # CPython declares the lock right before its owner; found, not assumed.
+    assert lay.lock == lay.owner - 8
     assert lay.pending != lay.pending_count
+    assert len(set(lay.ends)) == 2 and max(lay.ends) < lay.basicsize
+
+
+def test_only_a_file_with_bytes_buffered_or_its_lock_held_is_reset(busy: Any) -> None:
+    idle, _ = _writer()
+    filled, _ = _writer()
+    filled.write(b"abc")  # fewer than 64: stays in the buffer
+    held, raw = _writer()
+    busy(lambda: held.write(b"x" * 100), raw)
+    reader = io.BufferedReader(GateRaw(), 64)
+    reader.read(1)  # the rest of what the raw stream gave is read ahead
+
+    def check() -> bool:
+        resets = [_cpython_io.reset_buffered(f) for f in (idle, filled, held, reader)]
+        assert resets == [False, True, True, True], resets
+        raw.gate.set()
+        for f in (idle, filled, held):
+            f.write(b"child")
+            f.flush()
+        return True
+
+    assert run_in_child(check, deadline=DEADLINE)
 
 
 def test_line_buffered_and_unbuffered_text_files_register() -> None:

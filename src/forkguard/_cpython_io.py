@@ -15,11 +15,16 @@ starts empty and never writes a record twice; a reader starts at the file's
 shared offset.  A ``TextIOWrapper`` keeps text of its own before it reaches the
 buffer (``pending_bytes``); that is dropped in the child for the same reason.
 
-Two facts are read from the object's memory, and both are found and checked on
-the running interpreter the first time they are needed (never assumed):
-``owner`` (so that an object the forking thread itself is inside is left alone)
-and the TextIOWrapper's ``pending_bytes`` / ``pending_bytes_count``.  Where they
-cannot be verified, registration is refused with the reason.
+An object with nothing buffered and its lock free is left as it is: it already
+is what ``__init__`` would make of it, and idle files (stdio) then cost a fork
+nothing.
+
+What is read from the object's memory is found and checked on the running
+interpreter the first time it is needed (never assumed): ``owner`` (so that an
+object the forking thread itself is inside is left alone), the lock's pointer,
+``read_end`` / ``write_end`` (-1 while nothing is buffered), and the
+TextIOWrapper's ``pending_bytes`` / ``pending_bytes_count``.  Where they cannot be
+verified, registration is refused with the reason.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import io
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, Final
 
 from forkguard._targets import PyKind
@@ -46,15 +52,21 @@ class LayoutError(Exception):
 
 
 class _Layout:
-    __slots__ = ("basicsize", "owner", "pair", "pending", "pending_count")
+    __slots__ = ("basicsize", "ends", "lock", "owner", "pair", "pending", "pending_count")
 
     def __init__(
-        self, owner: int, basicsize: int, pending: tuple[int, int], pair: tuple[int, int]
+        self,
+        locking: tuple[int, int],
+        basicsize: int,
+        pending: tuple[int, int],
+        pair: tuple[int, int],
+        ends: tuple[int, int],
     ) -> None:
-        self.owner = owner
+        self.owner, self.lock = locking  # the holder's thread id; the lock's pointer
         self.basicsize = basicsize
         self.pending, self.pending_count = pending
         self.pair = pair  # where BufferedRWPair keeps its reader and its writer
+        self.ends = ends  # read_end and write_end: -1 while nothing is buffered
 
 
 class _ProbeRaw(io.RawIOBase):
@@ -66,6 +78,8 @@ class _ProbeRaw(io.RawIOBase):
         self.above: object = None
         self.inside: bytes | None = None
         self.data = bytearray()
+        self.watch: Callable[[], set[int]] = set  # also called from inside write()
+        self.watched: set[int] = set()
 
     def writable(self) -> bool:
         return True
@@ -73,6 +87,7 @@ class _ProbeRaw(io.RawIOBase):
     def write(self, b: Any) -> int:
         if self.above is not None and self.inside is None:
             self.inside = _memory(self.above)
+            self.watched = self.watch()
         self.data += bytes(b)
         return len(b)
 
@@ -85,12 +100,22 @@ def _words(image: bytes) -> list[int]:
     return [struct.unpack_from("P", image, at)[0] for at in range(0, len(image) - _WORD + 1, _WORD)]
 
 
-def _find_owner(cls: type) -> int:
+def _find_locking(cls: type) -> tuple[int, int]:
+    """The offsets of the lock's owner and of the lock pointer, seen from inside a
+    write() that holds the lock."""
+    from forkguard._cpython_locks import lock_pointers, seen_held
+
     raw = _ProbeRaw()
     buffered = cls(raw, _PROBE_SIZE)
     raw.above = buffered
-    before = _words(_memory(buffered))
-    buffered.write(b"x" * (_PROBE_SIZE + 1))  # more than fits: written through, lock held
+    before = _memory(buffered)
+    pointers, peek, states = lock_pointers(before)
+    try:
+        raw.watch = lambda: seen_held(pointers, peek, states)
+        buffered.write(b"x" * (_PROBE_SIZE + 1))  # more than fits: written through, lock held
+        still_free = seen_held(pointers, peek, states, held=False)
+    finally:
+        peek.close()
     after = _words(_memory(buffered))
     if raw.inside is None:
         raise LayoutError(f"{cls.__qualname__} did not call its raw stream's write()")
@@ -98,13 +123,16 @@ def _find_owner(cls: type) -> int:
     me = threading.get_ident()
     hits = [
         i * _WORD
-        for i, (b, n, a) in enumerate(zip(before, inside, after, strict=True))
+        for i, (b, n, a) in enumerate(zip(_words(before), inside, after, strict=True))
         if b == 0 and n == me and a == 0
     ]
     if len(hits) != 1:
         raise LayoutError(
             f"found {len(hits)} candidate fields for {cls.__qualname__}'s lock owner, expected 1"
         )
+    locks = sorted(at for at in pointers if at in raw.watched and at in still_free)
+    if len(locks) != 1:
+        raise LayoutError(f"found {len(locks)} fields behaving as {cls.__qualname__}'s lock")
     if buffered.__sizeof__() - cls.__basicsize__ != _PROBE_SIZE:
         raise LayoutError(f"{cls.__qualname__}.__sizeof__() does not count its buffer")
     # The reset: __init__ again drops buffered bytes and leaves the object usable.
@@ -115,7 +143,39 @@ def _find_owner(cls: type) -> int:
     buffered.flush()
     if bytes(raw.data) != b"child's":
         raise LayoutError(f"{cls.__qualname__}.__init__() did not start with an empty buffer")
-    return hits[0]
+    return hits[0], locks[0]
+
+
+class _ReaderRaw(io.RawIOBase):
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        b[:20] = b"r" * 20
+        return 20
+
+
+def _signed(image: bytes) -> list[int]:
+    return [struct.unpack_from("n", image, at)[0] for at in range(0, len(image) - _WORD + 1, _WORD)]
+
+
+def _find_ends() -> tuple[int, int]:
+    """read_end and write_end, by what they hold: -1 while nothing is buffered, else
+    where the buffered bytes end."""
+    writer = io.BufferedWriter(_ProbeRaw(), _PROBE_SIZE)
+    images = [_signed(_memory(writer))]
+    for step in (lambda: writer.write(b"abc"), lambda: writer.write(b"defg"), writer.flush):
+        step()
+        images.append(_signed(_memory(writer)))
+    write_end = [i for i, seen in enumerate(zip(*images, strict=True)) if seen == (-1, 3, 7, -1)]
+    reader = io.BufferedReader(_ReaderRaw(), _PROBE_SIZE)
+    images = [_signed(_memory(reader))]
+    reader.read(1)
+    images.append(_signed(_memory(reader)))
+    read_end = [i for i, seen in enumerate(zip(*images, strict=True)) if seen == (-1, 20)]
+    if len(read_end) != 1 or len(write_end) != 1 or read_end == write_end:
+        raise LayoutError("could not find the buffered objects' read_end and write_end")
+    return read_end[0] * _WORD, write_end[0] * _WORD
 
 
 def _find_pending() -> tuple[int, int]:
@@ -171,12 +231,13 @@ def _layout() -> _Layout | str:
     if len(sizes) != 1:
         return "io.BufferedReader, BufferedWriter and BufferedRandom differ in size"
     try:
-        owner = _find_owner(io.BufferedWriter)
+        locking = _find_locking(io.BufferedWriter)
         pending = _find_pending()
         pair = _find_pair()
+        ends = _find_ends()
     except Exception as exc:  # any surprise means "not verified"
         return str(exc) or type(exc).__name__
-    return _Layout(owner, sizes.pop(), pending, pair)
+    return _Layout(locking, sizes.pop(), pending, pair, ends)
 
 
 def layout() -> _Layout:
@@ -206,11 +267,30 @@ def _c_type(obj: object) -> type:
     return next(cls for cls in _BUFFERED_TYPES if isinstance(obj, cls))
 
 
+def _idle(obj: object, lay: _Layout) -> bool:
+    """Nothing buffered and the lock free: the object is as __init__ would leave it."""
+    base = id(obj)
+    read_end, write_end = lay.ends
+    # A writer never sets read_end, nor a reader write_end (they stay 0).
+    cls = _c_type(obj)
+    ends: tuple[int, ...] = (read_end,) if cls is io.BufferedReader else (write_end,)
+    if cls is io.BufferedRandom:
+        ends = lay.ends
+    if any(ctypes.c_ssize_t.from_address(base + at).value != -1 for at in ends):
+        return False
+    lock = ctypes.c_void_p.from_address(base + lay.lock).value
+    if not lock or not _try_lock(lock, 0):
+        return False
+    _unlock(lock)
+    return True
+
+
 def reset_buffered(obj: Any) -> bool:
     """Fresh lock and empty buffers, unless the forking thread is inside `obj`.
-    False if it was left alone."""
+    False if it was left alone (or had nothing to reset)."""
     lay = layout()
-    if _owner(obj, lay) == threading.get_ident():
+    owner = _owner(obj, lay)
+    if owner == threading.get_ident() or (owner == 0 and _idle(obj, lay)):
         return False
     size = _buffer_size(obj)
     if size <= 0:  # closed since: no buffer, nothing to use
@@ -219,6 +299,12 @@ def reset_buffered(obj: Any) -> bool:
     return True
 
 
+_try_lock = ctypes.pythonapi.PyThread_acquire_lock
+_try_lock.argtypes = [ctypes.c_void_p, ctypes.c_int]
+_try_lock.restype = ctypes.c_int
+_unlock = ctypes.pythonapi.PyThread_release_lock
+_unlock.argtypes = [ctypes.c_void_p]
+_unlock.restype = None
 _decref = ctypes.pythonapi.Py_DecRef
 _decref.argtypes = [ctypes.c_void_p]
 _decref.restype = None

@@ -128,18 +128,50 @@ def _pointer_at(image: bytes, offset: int) -> int:
     return int.from_bytes(image[offset : offset + _WORD], sys.byteorder)
 
 
-def _catch_held(
-    obj: object, call: Callable[[], object], peek: _Peek, states: tuple[int, int]
-) -> _Field | None:
-    """Run `call` (which takes `obj`'s lock with the GIL released) in a thread and
-    watch every candidate field; the field seen free, held, then free again."""
-    free, held = states
-    before = _image(obj)
+def lock_pointers(image: bytes) -> tuple[dict[int, int], _Peek, tuple[int, int]]:
+    """The words of an object's `image` that point at what reads as a free lock, with
+    the peek (to close) and the lock states to watch them with."""
+    peek = _Peek()
+    try:
+        states = _lock_states(peek)
+    except BaseException:
+        peek.close()
+        raise
     pointers = {
         at: p
-        for at in range(_HEAD, len(before) - _WORD + 1, _WORD)
-        if (p := _pointer_at(before, at)) and p % _WORD == 0 and peek.byte(p) == free
+        for at in range(_HEAD, len(image) - _WORD + 1, _WORD)
+        if (p := _pointer_at(image, at)) and p % _WORD == 0 and peek.byte(p) == states[0]
     }
+    return pointers, peek, states
+
+
+def seen_held(
+    pointers: dict[int, int], peek: _Peek, states: tuple[int, int], *, held: bool = True
+) -> set[int]:
+    """The offsets among `pointers` whose lock reads as held now (or free)."""
+    want = states[1] if held else states[0]
+    return {at for at, p in pointers.items() if peek.byte(p) == want}
+
+
+def _catch_held(obj: object, call: Callable[[], object]) -> _Field | None:
+    """Run `call` (which takes `obj`'s lock with the GIL released) in a thread and
+    watch every candidate field; the field seen free, held, then free again."""
+    before = _image(obj)
+    pointers, peek, states = lock_pointers(before)
+    try:
+        return _watch(obj, call, before, pointers, peek, states)
+    finally:
+        peek.close()
+
+
+def _watch(
+    obj: object,
+    call: Callable[[], object],
+    before: bytes,
+    pointers: dict[int, int],
+    peek: _Peek,
+    states: tuple[int, int],
+) -> _Field | None:
     # A PyMutex is a single byte, 0 when free and 1 when locked (3.13+).
     inline = [at for at in range(_HEAD, len(before)) if before[at] == 0]
     base = id(obj)
@@ -147,16 +179,17 @@ def _catch_held(
     worker = threading.Thread(target=call, daemon=True)
     worker.start()
     while worker.is_alive():
-        seen.update((at, False) for at, p in pointers.items() if peek.byte(p) == held)
+        seen.update((at, False) for at in seen_held(pointers, peek, states))
         now = ctypes.string_at(base, len(before))
         seen.update((at, True) for at in inline if now[at] == 1)
     worker.join()
     after = _image(obj)
+    free_now = seen_held(pointers, peek, states, held=False)
     found = [
         _Field(at, is_inline)
         for at, is_inline in seen
         if (after[at] == 0 if is_inline else _pointer_at(after, at) == pointers[at])
-        and (is_inline or peek.byte(pointers[at]) == free)
+        and (is_inline or at in free_now)
     ]
     # A lock pointer is the rule; an inline mutex only where no pointer behaved so
     # (other small fields of a stream's state can flip too while it works).
@@ -187,18 +220,14 @@ _found_lock = threading.Lock()
 
 
 def _find(sample: object) -> _Field | str:
-    peek = _Peek()
     try:
-        states = _lock_states(peek)
         for fresh, call in _probes(sample):
-            field = _catch_held(fresh, call, peek, states)
+            field = _catch_held(fresh, call)
             if field is not None:
                 return field
         return "no field behaved like a lock while it worked; the type may have none here"
     except Exception as exc:  # any surprise means "not verified"
         return str(exc) or type(exc).__name__
-    finally:
-        peek.close()
 
 
 def field_of(obj: object, *, find: bool = True) -> _Field:

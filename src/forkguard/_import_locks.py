@@ -51,7 +51,8 @@ def unverified() -> str | None:
         if empty not in ((None, 0, 0), (None, [], [])):
             return f"a new module lock has owner, count and waiters {empty!r}"
         probe.acquire()
-        held = (probe.owner, probe.count)
+        count = probe.count
+        held = (probe.owner, count.copy() if isinstance(count, list) else count)
         probe.release()
         if held not in ((threading.get_ident(), 1), (threading.get_ident(), [True])):
             return f"an acquired module lock has owner and count {held!r}"

@@ -30,7 +30,6 @@ import contextlib
 import functools
 import gc
 import io
-import logging
 import os
 import queue
 import sys
@@ -124,11 +123,16 @@ class Lock:
         if block.acquire(False):  # really free (locked() can lag: see below)
             block.release()
             return False
-        if block.locked() and getattr(self, "_owner", 0) == me:  # unset: never acquired
+        if not block.locked():
+            # Taken at the OS level by a waiter that had not yet got the GIL back to say
+            # so (3.10-3.12): release() would refuse, so a fresh lock.
+            block._at_fork_reinit()
+        elif getattr(self, "_owner", 0) == me:  # unset: never acquired
             return True
-        # Held by a thread that is gone, or taken at the OS level by a waiter that had
-        # not yet got the GIL back to say so: either way, a fresh lock.
-        block._at_fork_reinit()
+        else:
+            # Held by a thread that is gone.  Any thread may release a _thread lock,
+            # and it is cheaper than _at_fork_reinit(), which allocates a new lock.
+            block.release()
         return False
 
     def __repr__(self) -> str:
@@ -342,10 +346,13 @@ _FINDABLE = (queue.Queue, threading.Condition, threading.Semaphore, threading.Ev
 def _findable() -> list[object]:
     """Objects alive now whose locks protect() can no longer wrap."""
     found: list[object] = [f for f in (sys.stdin, sys.stdout, sys.stderr) if f is not None]
+    # Not imported here: no logging, no handlers (and no logging at-fork hook to pay for).
+    logging = sys.modules.get("logging")
+    handler = logging.Handler if logging is not None else ()
     for obj in gc.get_objects():
         if isinstance(obj, _FINDABLE):
             found.append(obj)
-        elif isinstance(obj, logging.Handler):
+        elif isinstance(obj, handler):
             if obj.lock is not None:
                 found.append(obj.lock)
             stream = getattr(obj, "stream", None)
