@@ -39,16 +39,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final
 
+from forkguard._cpython_locks import LayoutError, layout_error, lock_pointers, seen_held
 from forkguard._targets import PyKind
 from forkguard._targets import _type_name as type_name
 
 _WORD: Final = struct.calcsize("P")
 _BUFFERED_TYPES: Final = (io.BufferedRandom, io.BufferedWriter, io.BufferedReader)
 _PROBE_SIZE: Final = 4099  # an odd size, so that a match on it is no coincidence
-
-
-class LayoutError(Exception):
-    """The running interpreter's io objects do not look as forkguard expects."""
 
 
 class _Layout:
@@ -103,8 +100,6 @@ def _words(image: bytes) -> list[int]:
 def _find_locking(cls: type) -> tuple[int, int]:
     """The offsets of the lock's owner and of the lock pointer, seen from inside a
     write() that holds the lock."""
-    from forkguard._cpython_locks import lock_pointers, seen_held
-
     raw = _ProbeRaw()
     buffered = cls(raw, _PROBE_SIZE)
     raw.above = buffered
@@ -243,11 +238,7 @@ def _layout() -> _Layout | str:
 def layout() -> _Layout:
     found = _layout()
     if isinstance(found, str):
-        version = ".".join(map(str, sys.version_info[:3]))
-        raise LayoutError(
-            f"forkguard could not verify the layout of CPython's io objects on "
-            f"{sys.implementation.name} {version} ({found}), so it cannot reset them"
-        )
+        raise layout_error("verify the layout of CPython's io objects", found)
     return found
 
 

@@ -65,7 +65,16 @@ _free.restype = None
 
 
 class LayoutError(Exception):
-    """An object's lock could not be found and verified on this interpreter."""
+    """A CPython object's internals could not be found and verified on this interpreter."""
+
+
+def layout_error(what: str, reason: str) -> LayoutError:
+    """The error for a check that failed: what could not be done here, and why."""
+    version = ".".join(map(str, sys.version_info[:3]))
+    return LayoutError(
+        f"forkguard could not {what} on {sys.implementation.name} {version} ({reason}), "
+        f"so it cannot reset it"
+    )
 
 
 class _Field:
@@ -245,11 +254,7 @@ def field_of(obj: object, *, find: bool = True) -> _Field:
         with _found_lock:
             found = _found.setdefault(cls, found)
     if isinstance(found, str):
-        version = ".".join(map(str, sys.version_info[:3]))
-        raise LayoutError(
-            f"forkguard could not find and verify where {type_name(obj)} keeps its lock "
-            f"on {sys.implementation.name} {version} ({found}), so it cannot reset it"
-        )
+        raise layout_error(f"find and verify where {type_name(obj)} keeps its lock", found)
     return found
 
 
