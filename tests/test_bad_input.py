@@ -12,6 +12,7 @@ import queue
 import threading
 import zlib
 from collections.abc import Callable, Iterator
+from logging.handlers import QueueListener
 from types import ModuleType
 from typing import Any
 
@@ -57,6 +58,10 @@ def _detached_buffer() -> Any:
     buffered = io.BufferedWriter(io.FileIO(os.devnull, "w"))
     buffered.detach().close()
     return buffered
+
+
+def _mp_listener() -> Any:
+    return QueueListener(multiprocessing.get_context("fork").SimpleQueue())
 
 
 def _gzip_file() -> Any:
@@ -197,6 +202,18 @@ PY_CASES: dict[str, tuple[Callable[[], Any], dict[str, Any], type[Exception], st
         {},
         TypeError,
         r"io\.TextIOWrapper over gzip\.GzipFile",
+    ),
+    "listener over a multiprocessing queue": (
+        _mp_listener,
+        {},
+        TypeError,
+        "a multiprocessing queue already carries children's items",
+    ),
+    "hold a listener": (
+        lambda: QueueListener(queue.Queue()),
+        {"policy": "hold"},
+        ValueError,
+        "its queue is forwarded instead",
     ),
     "hold a hash": (
         hashlib.sha256,

@@ -21,16 +21,22 @@ from forkguard._registry import HoldTimeoutWarning, Policy, Registration
 from forkguard._targets import DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:  # imported on first use: protect() needs ctypes, plain use does not
+    import queue
+    from typing import Any
+
+    from forkguard._forward import Forwarding
     from forkguard._protect import Protection
 
 __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "Forwarding",
     "HoldTimeoutWarning",
     "Policy",
     "Protection",
     "Registration",
     "at_fork",
+    "forward",
     "get_include",
     "protect",
     "register",
@@ -122,6 +128,22 @@ def protect() -> Protection:
     return _protect.protect()
 
 
+def forward(q: queue.Queue[Any], *, name: str | None = None) -> Forwarding:
+    """Carry what forked children put on `q` to this process's `q`, for a queue
+    whose consumer thread lives here (a ``QueueListener`` is registered with
+    ``register(listener)`` instead).
+
+    In every child forked from now on, ``q.put()`` pickles the item and sends it
+    here before returning, so nothing is lost when the child exits, however it
+    exits; a thread here puts it on `q`.  The child's copy of `q` starts empty:
+    items queued here at the fork stay here, handled once.  `q` is also
+    registered (its lock reset in the child).  ``unregister()`` the result to stop.
+    """
+    from forkguard import _forward
+
+    return _forward.forward(q, name=name)
+
+
 def at_fork(
     before: _registry.Hook | None = None,
     after_in_parent: _registry.Hook | None = None,
@@ -155,6 +177,10 @@ def __getattr__(name: str) -> object:
         from forkguard._protect import Protection
 
         return Protection
+    if name == "Forwarding":
+        from forkguard._forward import Forwarding
+
+        return Forwarding
     # The C API, made on first use: `_C_API` is the capsule forkguard_import()
     # imports; `_C_API_ADDRESS` is the table's address for cffi and ctypes users.
     if name in ("_C_API", "_C_API_ADDRESS") and isinstance(

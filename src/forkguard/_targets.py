@@ -29,7 +29,7 @@ SUPPORTED = (
     "threading.Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event; "
     "queue.Queue and its subclasses; io.BufferedWriter, BufferedReader, BufferedRandom, "
     "BufferedRWPair and TextIOWrapper (sys.stdout, open() files); hashlib's hash and HMAC "
-    "objects; a cffi pointer to "
+    "objects; logging.handlers.QueueListener; a cffi pointer to "
     "pthread_mutex_t, pthread_rwlock_t or sem_t; an integer address with "
     "kind='pthread_mutex', 'pthread_rwlock' or 'sem'; "
     "any object with a __forkguard_reset__() method"
@@ -579,6 +579,11 @@ def _python_kind(obj: object) -> PyKind:
         return _EVENT
     if isinstance(obj, queue.Queue):
         return QueueKind(_type_name(obj))
+    handlers = sys.modules.get("logging.handlers")  # no listener without it
+    if handlers is not None and isinstance(obj, handlers.QueueListener):
+        from forkguard import _forward
+
+        return _forward.ListenerKind(_type_name(obj))
     if isinstance(obj, io.IOBase):
         from forkguard import _cpython_io  # ctypes and the layout probe: only when needed
 
