@@ -9,12 +9,19 @@ import sys
 from forkguard import _demo
 
 
-def test_demo_reports_both_runs_and_exits_0() -> None:
+def test_demo_reports_every_run_with_its_record_counts_and_exits_0() -> None:
     out = io.StringIO()
     assert _demo.run(out, protected_pools=20, timed_pools=2) == 0
     text = out.getvalue()
     assert "without forkguard: " in text
-    assert "with forkguard.register(queue): 20 pools clean" in text
+    assert (
+        "register(log_queue): 20 pools clean; the workers' records that reached the log: 0 of 20"
+        in text
+    )
+    assert (
+        "register(listener): 20 pools clean; the workers' records that reached the log: 20 of 20"
+        in text
+    )
     for method in ("fork + forkguard", "forkserver", "spawn"):
         assert method in text
 

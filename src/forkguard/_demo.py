@@ -1,4 +1,6 @@
-"""``python -m forkguard demo``: the seed's deadlock, without and with forkguard."""
+"""``python -m forkguard demo``: the seed's deadlock, without and with forkguard, and
+its children's log records: lost with only the queue registered, all there with the
+listener registered."""
 
 from __future__ import annotations
 
@@ -15,11 +17,32 @@ UNPROTECTED_POOLS = 30
 UNPROTECTED_DEADLINE = 3.0  # a clean pool takes ~0.1 s here; a hung one never ends
 PROTECTED_POOLS = 100
 PROTECTED_DEADLINE = 15.0
+QUEUE_ONLY_POOLS = 20
 TIMED_POOLS = 6  # per other start method; the first is a warm-up
 
 
 def _median_ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1000.0
+
+
+def _all_arrived(result: dict[str, Any]) -> bool:
+    return bool(
+        result.get("child_records") == result.get("child_expected")
+        and result.get("parent_handled") == result.get("parent_sent")
+    )
+
+
+def _records(result: dict[str, Any]) -> str:
+    """One line: pools, and which records reached the log."""
+    if result["result"] != "clean":
+        return f"FAILED at pool {result['pool']} ({result['result']})"
+    lost = result["parent_sent"] - result["parent_handled"]
+    return (
+        f"{result['clean_pools']} pools clean; the workers' records that reached the "
+        f"log: {result['child_records']} of {result['child_expected']}; the parent's: "
+        f"{result['parent_handled']:,} of {result['parent_sent']:,}"
+        + (f" ({lost:,} lost)" if lost else "")
+    )
 
 
 def run(
@@ -44,7 +67,7 @@ def run(
     say()
 
     bare = run_isolated(
-        protect=False,
+        register="none",
         pools=UNPROTECTED_POOLS,
         deadline=UNPROTECTED_DEADLINE,
         limit=UNPROTECTED_POOLS * UNPROTECTED_DEADLINE + 30,
@@ -62,20 +85,21 @@ def run(
             f"(the race is timing-dependent; it usually hangs within a few pools)"
         )
 
+    queue_only = run_isolated(
+        register="queue",
+        pools=QUEUE_ONLY_POOLS,
+        deadline=PROTECTED_DEADLINE,
+        limit=QUEUE_ONLY_POOLS * 2.0 + 60,
+    )
+    say(f"with forkguard.register(log_queue): {_records(queue_only)}")
     guarded = run_isolated(
-        protect=True,
+        register="listener",
         pools=protected_pools,
         deadline=PROTECTED_DEADLINE,
         limit=protected_pools * 2.0 + 60,
     )
-    clean = guarded["result"] == "clean"
-    if clean:
-        say(f"with forkguard.register(queue): {guarded['clean_pools']} pools clean")
-    else:
-        say(
-            f"with forkguard.register(queue): FAILED at pool {guarded['pool']} "
-            f"({guarded['result']}) after {guarded['clean_pools']} clean pools"
-        )
+    clean = guarded["result"] == "clean" and _all_arrived(guarded)
+    say(f"with forkguard.register(listener): {_records(guarded)}")
 
     say()
     say("time per pool, with the logging thread running (median):")
@@ -84,7 +108,7 @@ def run(
         rows.append(("fork + forkguard", _median_ms(guarded["seconds"])))
     for method in ("forkserver", "spawn"):
         timed = run_isolated(
-            protect=False, pools=timed_pools, deadline=PROTECTED_DEADLINE, method=method
+            register="none", pools=timed_pools, deadline=PROTECTED_DEADLINE, method=method
         )
         if len(timed["seconds"]) > 1:
             rows.append((method, _median_ms(timed["seconds"][1:])))
