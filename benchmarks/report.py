@@ -301,6 +301,33 @@ def _register_table(r: Results) -> list[str]:
     ]
 
 
+def _forward_table(r: Results) -> list[str]:
+    designs = (
+        ("forwarded to the parent's listener (`register(listener)`)", "forward"),
+        ("handled by the child itself, through the same handlers", "own-consumer"),
+        ("a plain `FileHandler` in the child (no queue; the floor)", "plain"),
+    )
+    rows = [
+        f"| {label} | {r.cell(f'forward/child-1000-records/{name}', 1e3, 1)} |"
+        for label, name in designs
+        if f"forward/child-1000-records/{name}" in r
+    ]
+    if not rows:
+        return []
+    return [
+        "## A forked child's log records",
+        "",
+        "Fork a child that logs 1,000 records and leaves with `os._exit`; time until every "
+        "record was handled (forwarded ones: by the parent's listener). Handlers write to "
+        "`os.devnull`.",
+        "",
+        "| the child's records are | ms |",
+        "| --- | ---: |",
+        *rows,
+        "",
+    ]
+
+
 def _protect_table(r: Results) -> list[str]:
     rows = []
     for label, name in (
@@ -494,6 +521,7 @@ def write(folder: Path, mode: str) -> list[Path]:
         "",
         *_protect_table(r),
         "",
+        *_forward_table(r),
         *_start_tables(r),
         "",
         "![start methods](start_methods.png)",

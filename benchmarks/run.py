@@ -28,6 +28,7 @@ SUITES = {
     "register": "bench_register.py",
     "start": "bench_start.py",
     "protect": "bench_protect.py",
+    "forward": "bench_forward.py",
 }
 # pyperf settings per mode: worker processes per benchmark and values per process.
 MODES = {
