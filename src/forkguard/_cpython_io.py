@@ -37,7 +37,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from forkguard._cpython_locks import LayoutError, layout_error, lock_pointers, seen_held
 from forkguard._targets import PyKind
@@ -276,18 +276,24 @@ def _idle(obj: object, lay: _Layout) -> bool:
     return True
 
 
-def reset_buffered(obj: Any) -> bool:
-    """Fresh lock and empty buffers, unless the forking thread is inside `obj`.
-    False if it was left alone (or had nothing to reset)."""
+Outcome = Literal["reset", "idle", "inside", "closed"]
+
+
+def reset_buffered(obj: Any) -> Outcome:
+    """Fresh lock and empty buffers ("reset"), unless nothing was buffered and the lock
+    is free ("idle": already so), the forking thread is inside `obj` ("inside": left
+    alone), or it has been closed ("closed")."""
     lay = layout()
     owner = _owner(obj, lay)
-    if owner == threading.get_ident() or (owner == 0 and _idle(obj, lay)):
-        return False
+    if owner == threading.get_ident():
+        return "inside"
     size = _buffer_size(obj)
     if size <= 0:  # closed since: no buffer, nothing to use
-        return False
+        return "closed"
+    if owner == 0 and _idle(obj, lay):
+        return "idle"
     _c_type(obj).__init__(obj, obj.raw, size)  # type: ignore[misc]
-    return True
+    return "reset"
 
 
 _try_lock = ctypes.pythonapi.PyThread_acquire_lock
@@ -379,7 +385,7 @@ class TextKind(BufferedKind):
         if isinstance(buffer, io.BufferedRWPair):
             for inner in _inner_buffers(buffer):
                 reset_buffered(inner)
-        elif isinstance(buffer, _BUFFERED_TYPES) and not reset_buffered(buffer):
+        elif isinstance(buffer, _BUFFERED_TYPES) and reset_buffered(buffer) in ("inside", "closed"):
             return  # the forking thread is inside it: leave the text layer alone too
         _drop_pending_text(obj, lay)
 
