@@ -131,7 +131,7 @@ def test_a_registered_listener_gets_every_child_record_once(seed: Any, how: str)
 
 # --------------------------------------------------------------------------
 # Whole programs (tests/forward_scenarios.py): every way a child leaves, sys.exit
-# through the interpreter's real shutdown included, and protect() alone.
+# through the interpreter's real shutdown included.
 
 SCRIPT = str(Path(__file__).with_name("forward_scenarios.py"))
 
@@ -149,9 +149,8 @@ def test_a_whole_program_loses_children_records_with_only_the_queue(how: str) ->
 
 
 @pytest.mark.parametrize("how", ["os._exit", "sys.exit", "SIGTERM", "pool"])
-@pytest.mark.parametrize("mode", ["listener", "protect"])
-def test_a_whole_program_keeps_every_record_once(mode: str, how: str) -> None:
-    result = run(mode, how)
+def test_a_whole_program_keeps_every_record_once(how: str) -> None:
+    result = run("listener", how)
     assert (result["hung"], result["failed"]) == (0, 0), result
     assert result["child_records"] == result["child_unique"] == result["child_expected"], result
     assert result["parent_found"] == result["parent_unique"] == result["parent_sent"], result

@@ -116,7 +116,10 @@ def protect() -> Protection:
     In each forked child, a tracked lock that a thread other than the forking thread
     held at the fork is free; what the forking thread holds stays held (a plain
     ``Lock`` too: a tracked Lock records who acquired it).  Only locks held (or
-    waited for) at the fork cost anything per fork.
+    waited for) at the fork cost anything per fork.  The child also gets importlib's
+    module locks and ``_strptime``'s lock back free (a module another thread was
+    importing is imported afresh).  A QueueListener still needs ``register(listener)``
+    for children's records to reach it.
 
     Libraries should use ``register()`` instead.  Calling ``protect()`` again returns
     the same handle; ``handle.undo()`` (or leaving ``with forkguard.protect():``)
