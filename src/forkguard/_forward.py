@@ -204,6 +204,7 @@ def forward(q: queue.Queue[Any], *, name: str | None = None) -> Forwarding:
 # logging.handlers.QueueListener: register(listener).
 
 _channels: dict[int, _Channel] = {}  # by id(listener), while registered
+_QUEUE: Final = QueueKind("queue.Queue")
 
 
 class ListenerKind(PyKind):
@@ -249,7 +250,7 @@ class ListenerKind(PyKind):
         _stop(id(obj))
 
     def reset(self, obj: Any, value: int | None) -> None:
-        QueueKind("queue.Queue").reset(obj.queue, None)
+        _QUEUE.reset(obj.queue, None)
         for stream in self._streams(obj):
             stream_kind = _stream_kind(stream)
             if stream_kind is not None:

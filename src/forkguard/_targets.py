@@ -24,6 +24,7 @@ HASH_MODULES: Final = frozenset(
     {"_hashlib", "_blake2", "_sha3", "_md5", "_sha1", "_sha2", "_sha256", "_sha512"}
 )
 CODEC_MODULES: Final = frozenset({"zlib", "_bz2", "_lzma"})
+_C_LOCK_MODULES: Final = HASH_MODULES | CODEC_MODULES
 
 SUPPORTED = (
     "threading.Lock, RLock, Condition, Semaphore, BoundedSemaphore, Event; "
@@ -590,7 +591,7 @@ def _python_kind(obj: object) -> PyKind:
         io_kind = _cpython_io.kind_for(obj)
         if io_kind is not None:
             return io_kind
-    if cls.__module__ in HASH_MODULES | CODEC_MODULES or isinstance(obj, io.IOBase):
+    if cls.__module__ in _C_LOCK_MODULES or isinstance(obj, io.IOBase):
         from forkguard import _cpython_locks
 
         c_lock_kind = _cpython_locks.kind_for(obj)
