@@ -7,7 +7,8 @@ interpreter's own shutdown, atexit and ``logging.shutdown()`` included), SIGTERM
 right after logging, or a fork Pool terminated while its workers are idle.
 
 ``--mode``: ``queue`` (only the queue registered: no hang, the children's records
-are lost) or ``listener`` (``register(listener)``).  The log file is in a temporary folder; the
+are lost), ``listener`` (``register(listener)``) or ``protect`` (``protect()``
+first, before logging is set up).  The log file is in a temporary folder; the
 script counts what reached it and prints one JSON line on stderr.
 """
 
@@ -71,16 +72,18 @@ def run_children(how: str, children: int, results: int, log: logging.Logger) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=("queue", "listener"), required=True)
+    parser.add_argument("--mode", choices=("queue", "listener", "protect"), required=True)
     parser.add_argument("--exit", choices=("os._exit", "sys.exit", "SIGTERM", "pool"))
     parser.add_argument("--children", type=int, default=10)
     parser.add_argument("--results", type=int, required=True)
     args = parser.parse_args()
 
+    import forkguard
+
+    if args.mode == "protect":
+        forkguard.protect()
     from logging.handlers import QueueHandler, QueueListener
     from queue import Queue
-
-    import forkguard
 
     folder = tempfile.mkdtemp(prefix="forkguard-forward-")
     path = os.path.join(folder, "out.log")

@@ -1,14 +1,22 @@
 """A WSGI app as people preload it in gunicorn: the seed's logging set-up, made at import.
 
-Logging goes QueueHandler -> queue.Queue -> QueueListener -> FileHandler(os.devnull)
-(a real buffered file, never a growing one), and a thread logs without pause, so the
-master forks its workers while other threads hold the queue's lock and the file's.
-Every request logs a line; a worker leaves after its request quota through sys.exit(),
-and so through logging.shutdown(), which flushes the FileHandler.
+Logging goes QueueHandler -> queue.Queue -> QueueListener, whose handlers are a
+FileHandler(os.devnull) (a real buffered file, never a growing one) and a counter of
+the requests' records.  A thread logs without pause, so the master forks its workers
+while other threads hold the queue's lock and the file's.  Every request logs a line
+in the worker; a worker leaves after its request quota through sys.exit(), and so
+through logging.shutdown(), which flushes the FileHandler.
+
+When the master exits it stops the listener and writes the paths of the requests'
+records that reached it to ``$FORKGUARD_TEST_RECORDS`` (JSON).  A worker the master
+kills for a timeout (SIGABRT) first writes every thread's stack to
+``$FORKGUARD_TEST_STACKS`` (see ``post_worker_init`` in tests/gunicorn_conf.py).
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
 import queue
@@ -17,14 +25,36 @@ from collections.abc import Callable, Iterable
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
+MASTER = os.getpid()  # preloaded: imported in the master
+requests_logged: list[str] = []  # in the master: what reached the listener
+
+
+class RequestCounter(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("request "):
+            requests_logged.append(message.split(" ", 1)[1])
+
+
 log_queue: queue.Queue[Any] = queue.Queue()
-handler = logging.FileHandler(os.devnull)
-listener = QueueListener(log_queue, handler)
+listener = QueueListener(log_queue, logging.FileHandler(os.devnull), RequestCounter())
 listener.start()
 log = logging.getLogger("gunicorn_app")
 log.addHandler(QueueHandler(log_queue))
 log.setLevel(logging.INFO)
 log.propagate = False
+
+
+def _report() -> None:
+    path = os.environ.get("FORKGUARD_TEST_RECORDS")
+    if os.getpid() != MASTER or not path:
+        return
+    listener.stop()  # everything queued is handled first
+    with open(path, "w") as f:
+        json.dump(requests_logged, f)
+
+
+atexit.register(_report)
 
 
 def _tick() -> None:

@@ -131,7 +131,7 @@ def test_a_registered_listener_gets_every_child_record_once(seed: Any, how: str)
 
 # --------------------------------------------------------------------------
 # Whole programs (tests/forward_scenarios.py): every way a child leaves, sys.exit
-# through the interpreter's real shutdown included.
+# through the interpreter's real shutdown included, and protect() alone.
 
 SCRIPT = str(Path(__file__).with_name("forward_scenarios.py"))
 
@@ -149,8 +149,9 @@ def test_a_whole_program_loses_children_records_with_only_the_queue(how: str) ->
 
 
 @pytest.mark.parametrize("how", ["os._exit", "sys.exit", "SIGTERM", "pool"])
-def test_a_whole_program_keeps_every_record_once(how: str) -> None:
-    result = run("listener", how)
+@pytest.mark.parametrize("mode", ["listener", "protect"])
+def test_a_whole_program_keeps_every_record_once(mode: str, how: str) -> None:
+    result = run(mode, how)
     assert (result["hung"], result["failed"]) == (0, 0), result
     assert result["child_records"] == result["child_unique"] == result["child_expected"], result
     assert result["parent_found"] == result["parent_unique"] == result["parent_sent"], result
@@ -265,3 +266,58 @@ def test_forward_refuses_what_is_not_a_queue() -> None:
     with pytest.raises(TypeError, match=r"forward\(\) takes a queue\.Queue"):
         forkguard.forward(multiprocessing.get_context("fork").SimpleQueue())  # type: ignore[arg-type]
     assert forkguard.registrations() == []
+
+
+# --------------------------------------------------------------------------
+# protect(): listeners running at the call and those started after it.
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _listener() -> tuple[QueueListener, Collect, logging.Logger]:
+    q: queue.Queue[Any] = queue.Queue()
+    collect = Collect()
+    listener = QueueListener(q, collect)
+    log = logging.getLogger(f"forkguard-test-protect-{id(q)}")
+    log.propagate = False
+    log.addHandler(QueueHandler(q))
+    return listener, collect, log
+
+
+def test_protect_registers_the_listeners_running_and_those_started_after() -> None:
+    original_start = QueueListener.start
+    running, running_got, running_log = _listener()
+    running.start()
+    handle = forkguard.protect()
+    try:
+        later, later_got, later_log = _listener()
+        later.start()
+
+        def child() -> None:
+            running_log.warning("from the child")
+            later_log.warning("from the child")
+
+        for _ in range(3):
+            assert run_in_child(child, deadline=DEADLINE).status == "ok"
+        running.stop()  # registered: takes in what children sent, first
+        later.stop()
+    finally:
+        handle.undo()
+    assert running_got.messages == later_got.messages == ["from the child"] * 3
+
+    # undo(): listeners started from now on are left alone (children keep their records).
+    assert QueueListener.start is original_start
+    after, after_got, after_log = _listener()
+    after.start()
+    try:
+        assert run_in_child(lambda: after_log.warning("lost"), deadline=DEADLINE).status == "ok"
+    finally:
+        after.stop()
+    assert after_got.messages == []

@@ -2,19 +2,22 @@
 and logging from a thread, workers recycled every few requests, real HTTP requests over
 a unix socket.  Worker hangs are counted from gunicorn's own log ("WORKER TIMEOUT": the
 master killed a worker that stopped answering).  Bare, workers hang; started through
-``python -m forkguard run --protect``, every request is answered and none hangs.
+``python -m forkguard run --protect``, every request is answered, none hangs, and each
+request's record, logged in a worker, reaches the master's QueueListener once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,10 @@ pytest.importorskip("gunicorn", reason="gunicorn is a test extra: pip install '.
 
 TESTS = Path(__file__).resolve().parent
 REQUEST_QUOTA = 4  # each worker leaves after this many requests (then sys.exit)
+# A worker that stops answering for this long is killed and logged as "WORKER TIMEOUT".
+# A hang is forever, so this only sets how fast one is seen; a loaded machine can
+# pause a healthy worker for a second.
+WORKER_TIMEOUT = 3
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -39,18 +46,20 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool) -> dict[str, Any]:
     sock, errors = str(tmp_path / "gunicorn.sock"), tmp_path / "error.log"
+    records, stacks = tmp_path / "records.json", tmp_path / "stacks.txt"
     cmd = [sys.executable]
     if protect:
         cmd += ["-m", "forkguard", "run", "--protect"]
-    cmd += ["-m", "gunicorn", "--preload", "--workers", "2", "--timeout", "1"]
+    cmd += ["-m", "gunicorn", "--preload", "--workers", "2", "--timeout", str(WORKER_TIMEOUT)]
     cmd += ["--max-requests", str(REQUEST_QUOTA), "--graceful-timeout", "1"]
     cmd += ["--bind", f"unix:{sock}", "--error-logfile", str(errors), "--chdir", str(TESTS)]
-    cmd += ["gunicorn_app:app"]
+    cmd += ["--config", str(TESTS / "gunicorn_conf.py"), "gunicorn_app:app"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.update(FORKGUARD_TEST_RECORDS=str(records), FORKGUARD_TEST_STACKS=str(stacks))
     server = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    answered = 0
+    answered: list[str] = []
     failures: list[str] = []
     try:
         deadline = time.monotonic() + 30
@@ -58,12 +67,17 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
             assert server.poll() is None, server.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "gunicorn did not start"
             time.sleep(0.05)
+        deadline = time.monotonic() + 90  # workers that never answer end the test too
         for i in range(requests):
+            if time.monotonic() > deadline:
+                failures.append(f"stopped at request {i}: 90 s passed")
+                break
             conn = UnixHTTPConnection(sock, timeout=5)
             try:
                 conn.request("GET", f"/{i}")
                 reply = conn.getresponse()
-                answered += reply.status == 200 and reply.read().startswith(b"ok ")
+                if reply.status == 200 and reply.read().startswith(b"ok "):
+                    answered.append(f"/{i}")
             except OSError as exc:  # the worker was killed mid-request: not answered
                 failures.append(repr(exc))
             finally:
@@ -81,24 +95,32 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
         assert server.stderr is not None
         server.stderr.close()
     log = errors.read_text()
+    logged = Counter(json.loads(records.read_text()) if records.exists() else [])
     return {
         "requests": i + 1,
-        "answered": answered,
+        "answered": len(answered),
+        # Each answered request's record, as often as it reached the master's listener.
+        "records_once": sum(logged[path] == 1 for path in answered),
+        "records_twice": sum(logged[path] > 1 for path in answered),
         "hung_workers": log.count("WORKER TIMEOUT"),
         "workers_booted": log.count("Booting worker"),
         "failures": failures[:5],
-        "log_tail": log[-1500:] if failures else "",
+        "log_tail": log[-1500:] if failures or "WORKER TIMEOUT" in log else "",
+        "stacks": stacks.read_text()[-4000:] if stacks.exists() else "",
     }
 
 
 def test_gunicorn_workers_hang_without_forkguard(tmp_path: Path) -> None:
     result = serve(tmp_path, protect=False, requests=60, stop_at_first_hang=True)
     assert result["hung_workers"] > 0, result
+    # And the requests answered before that had their records lost in the workers.
+    assert result["records_once"] < result["answered"], result
 
 
 def test_gunicorn_under_forkguard_run_answers_every_request(tmp_path: Path) -> None:
     result = serve(tmp_path, protect=True, requests=120, stop_at_first_hang=False)
     assert result["hung_workers"] == 0, result
     assert result["answered"] == 120, result
+    assert (result["records_once"], result["records_twice"]) == (120, 0), result
     # The quota recycled workers all along: each new one was forked from a busy master.
     assert result["workers_booted"] >= 120 // REQUEST_QUOTA, result

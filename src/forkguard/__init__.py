@@ -118,8 +118,8 @@ def protect() -> Protection:
     ``Lock`` too: a tracked Lock records who acquired it).  Only locks held (or
     waited for) at the fork cost anything per fork.  The child also gets importlib's
     module locks and ``_strptime``'s lock back free (a module another thread was
-    importing is imported afresh).  A QueueListener still needs ``register(listener)``
-    for children's records to reach it.
+    importing is imported afresh), and every ``QueueListener`` found now or started
+    later is registered, so children's records reach it.
 
     Libraries should use ``register()`` instead.  Calling ``protect()`` again returns
     the same handle; ``handle.undo()`` (or leaving ``with forkguard.protect():``)

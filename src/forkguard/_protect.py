@@ -19,9 +19,11 @@ stays held, a plain ``Lock`` included, since the wrapper knows who acquired it.
 At the call, the objects that can be found are enrolled with ``register()``:
 queues, conditions, semaphores and events alive now, logging handlers' locks and
 streams, and ``sys.stdin``/``stdout``/``stderr``; files opened afterwards through
-``open()`` / ``io.open()`` are enrolled as they are opened.  The child also frees
-importlib's module locks (``_import_locks.py``) and ``_strptime``'s lock, which no
-tracking can reach.
+``open()`` / ``io.open()`` are enrolled as they are opened, and every
+``QueueListener`` started from now on (or found running now) is registered, so
+what children log reaches it (``_forward.py``).  The child also frees importlib's
+module locks (``_import_locks.py``) and ``_strptime``'s lock, which no tracking
+can reach.
 """
 
 from __future__ import annotations
@@ -234,7 +236,11 @@ class Protection:
         if not self.active:
             return
         for owner, name, value in reversed(self._saved):
-            setattr(owner, name, value)
+            if owner is sys.meta_path:  # an import hook that has not fired yet
+                with contextlib.suppress(ValueError):
+                    sys.meta_path.remove(value)
+            else:
+                setattr(owner, name, value)
         for reg in list(self._enrolled):
             reg.unregister()
         self._saved.clear()
@@ -321,11 +327,64 @@ def protect() -> Protection:
     handle._patch(threading, "RLock", _rlock)
     handle._patch(threading, "Condition", Condition)
     _wrap_open(handle)
+    _wrap_listeners(handle)
     handle.active = True
     _current = handle
     for obj in _findable():
         handle._enroll(obj)
     return handle
+
+
+def _wrap_listeners(handle: Protection) -> None:
+    """QueueListeners started from now on are registered (their queue forwarded from
+    children); logging.handlers is patched now or when it is first imported."""
+    module = sys.modules.get("logging.handlers")
+    if module is not None:
+        _wrap_listener_start(handle, module)
+        return
+    finder = _OnImport("logging.handlers", lambda m: _wrap_listener_start(handle, m))
+    sys.meta_path.insert(0, finder)
+    handle._saved.append((sys.meta_path, "remove", finder))  # undo() takes it out
+
+
+def _wrap_listener_start(handle: Protection, module: Any) -> None:
+    original = module.QueueListener.start
+
+    @functools.wraps(original)
+    def start(self: Any) -> None:
+        original(self)
+        if handle.active:
+            handle._enroll(self)
+
+    handle._patch(module.QueueListener, "start", start)
+
+
+class _OnImport:
+    """A meta path finder that calls `then(module)` once `name` has been imported."""
+
+    def __init__(self, name: str, then: Callable[[Any], None]) -> None:
+        self.name = name
+        self.then = then
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != self.name:
+            return None
+        import importlib.machinery
+
+        with contextlib.suppress(ValueError):
+            sys.meta_path.remove(self)  # once
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        loader = getattr(spec, "loader", None)
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            self.then(module)
+
+        loader.exec_module = exec_module
+        return spec
 
 
 def _wrap_open(handle: Protection) -> None:
@@ -351,9 +410,14 @@ def _findable() -> list[object]:
     # Not imported here: no logging, no handlers (and no logging at-fork hook to pay for).
     logging = sys.modules.get("logging")
     handler = logging.Handler if logging is not None else ()
+    handlers = sys.modules.get("logging.handlers")
+    listener = handlers.QueueListener if handlers is not None else ()
     for obj in gc.get_objects():
         if isinstance(obj, _FINDABLE):
             found.append(obj)
+        elif isinstance(obj, listener):
+            if obj._thread is not None:  # started: its consumer lives here
+                found.append(obj)
         elif isinstance(obj, handler):
             if obj.lock is not None:
                 found.append(obj.lock)
