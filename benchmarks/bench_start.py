@@ -8,6 +8,9 @@ logging through QueueHandler), where plain fork would deadlock.
 
 from __future__ import annotations
 
+import collections
+import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -22,7 +25,7 @@ import pyperf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks
-from common import ballast
+from common import RECORDS_ENV, ballast
 
 METHODS = ("fork", "fork+forkguard", "forkserver", "spawn")
 SIZES = {"bare": 0, "200MB": 200, "1GB": 1000}
@@ -96,14 +99,35 @@ def pool2_throughput(method: str, megabytes: int) -> Any:
     return time_it
 
 
-def seed_pool1(method: str) -> Any:
-    """The seed program's parent: a listener thread and a thread logging non-stop."""
+class SeedRecords(logging.Handler):
+    """The parent's count of the workers' numbered records, as they reach a listener."""
 
-    def setup_logging() -> None:
-        if "log_queue" in _state:
-            return
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("seed record "):
+            self.seen.append(int(message.rsplit(" ", 1)[1]))
+
+
+def seed_pool1(method: str) -> Any:
+    """The seed program's parent: a listener thread and a thread logging non-stop; each
+    value is one Pool(1) start and one task that logs one numbered record.
+
+    fork+forkguard registers the listener (the workers' records are forwarded to it);
+    spawn and forkserver workers log to the parent through a multiprocessing queue and
+    a second listener, the cookbook's way.  After each batch of values the records that
+    arrived are counted (the waiting is not timed) and appended to $RECORDS_ENV."""
+
+    def setup_logging() -> SeedRecords:
+        if "seed_records" in _state:
+            return _state["seed_records"]  # type: ignore[no-any-return]
+        counted = _state["seed_records"] = SeedRecords()
         log_queue: queue.Queue[Any] = queue.Queue()
-        QueueListener(log_queue, logging.FileHandler(os.devnull)).start()
+        listener = QueueListener(log_queue, logging.FileHandler(os.devnull), counted)
+        listener.start()
         logging.getLogger().addHandler(QueueHandler(log_queue))
 
         def write_logs() -> None:
@@ -111,19 +135,59 @@ def seed_pool1(method: str) -> Any:
                 logging.error("hello, I just did something")
 
         threading.Thread(target=write_logs, daemon=True).start()
-        _state["log_queue"] = log_queue
         if method == "fork+forkguard":
             import forkguard
 
-            _state["guard"] = forkguard.register(log_queue)
+            _state["guard"] = forkguard.register(listener)
+            _state["seed_pool"] = {}
+        else:
+            records = multiprocessing.get_context(method).Queue()
+            QueueListener(records, counted).start()
+            _state["seed_pool"] = {"initializer": tasks.log_to, "initargs": (records,)}
+        return counted
 
-    inner = pool1_first_result("fork" if method == "fork+forkguard" else method, 0, tasks.log_once)
+    ctx = multiprocessing.get_context("fork" if method == "fork+forkguard" else method)
+    numbers = itertools.count()
 
     def time_it(loops: int) -> float:
-        setup_logging()
-        return float(inner(loops))
+        counted = setup_logging()
+        total = 0.0
+        sent = []
+        for _ in range(loops):
+            k = next(numbers)
+            start = time.perf_counter()
+            pool = ctx.Pool(1, **_state["seed_pool"])
+            pool.apply_async(tasks.log_once, (k,)).get(timeout=RESULT_DEADLINE)
+            total += time.perf_counter() - start
+            sent.append(k)
+            # Not terminate(): a spawn or forkserver worker killed while its queue's
+            # feeder thread writes can cut a record in half on the shared pipe, and
+            # the parent's listener then stops for good (multiprocessing warns of it).
+            pool.close()
+            pool.join()
+        _count_records(method, sent, counted)
+        return total
 
     return time_it
+
+
+def _count_records(method: str, sent: list[int], counted: SeedRecords) -> None:
+    """Wait (up to RESULT_DEADLINE) for the records of the tasks that returned, then
+    append what arrived to the file run.py names."""
+    deadline = time.monotonic() + RESULT_DEADLINE
+    while not set(sent) <= set(counted.seen) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    seen = collections.Counter(counted.seen)
+    line = {
+        "method": method,
+        "sent": len(sent),
+        "lost": sum(seen[k] == 0 for k in sent),
+        "twice": sum(seen[k] > 1 for k in sent),
+    }
+    path = os.environ.get(RECORDS_ENV)
+    if path:
+        with open(path, "a") as f:  # a few lines per worker process
+            f.write(json.dumps(line) + "\n")
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ from types import ModuleType
 from typing import Any
 
 NATIVE_ENV = "FORKGUARD_BENCH_NATIVE"  # where run.py built the helper extension
+RECORDS_ENV = "FORKGUARD_BENCH_RECORDS"  # where the seed scenario counts its records
+RECORDS_FILE = "seed-records.jsonl"  # that file, in the results folder
 
 NATIVE_CDEF = """
 typedef ... pthread_mutex_t;

@@ -5,6 +5,8 @@ python benchmarks/report.py [FOLDER]     # re-render from existing JSON
 
 from __future__ import annotations
 
+import collections
+import json
 import platform
 import sys
 from collections.abc import Callable
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pyperf
+
+from common import RECORDS_FILE
 
 COUNTS = (10, 100, 1000, 10000)
 METHODS = ("fork", "fork+forkguard", "forkserver", "spawn")
@@ -24,6 +28,7 @@ class Results:
     """Every benchmark of every suite JSON in a folder, by name."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self.benches: dict[str, pyperf.Benchmark] = {}
         for path in sorted(folder.glob("*.json")):
             for bench in pyperf.BenchmarkSuite.load(str(path)).get_benchmarks():
@@ -397,18 +402,38 @@ def _start_tables(r: Results) -> list[str]:
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     seed = [m for m in ("fork+forkguard", "forkserver", "spawn") if f"seed/pool1/{m}" in r]
     if seed:
+        records = _seed_records(r.folder)
         lines += [
             "",
             "### The seed scenario: `Pool(1)` start + first result while a thread logs "
-            "through `QueueHandler` (ms)",
+            "through `QueueHandler` (ms), and the workers' records",
             "",
-            "Plain fork is not in this table: it deadlocks (see `python -m forkguard demo`).",
+            "Plain fork is not in this table: it deadlocks (see `python -m forkguard demo`). "
+            "Each task logs one numbered record; the parent counts those that reach its "
+            "listener (waiting for them is not timed). fork+forkguard registers the "
+            "listener; spawn and forkserver workers log through a multiprocessing queue "
+            "to a second listener. Workers leave through `close()` + `join()`.",
             "",
-            "| method | ms |",
-            "| --- | ---: |",
-            *[f"| {m} | {r.cell(f'seed/pool1/{m}', 1e3, 1)} |" for m in seed],
+            "| method | ms | records sent | lost | twice |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
+        for m in seed:
+            sent, lost, twice = records.get(m, ("n/a",) * 3)
+            cell = r.cell(f"seed/pool1/{m}", 1e3, 1)
+            lines.append(f"| {m} | {cell} | {sent} | {lost} | {twice} |")
     return lines
+
+
+def _seed_records(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """The seed benchmark's record counts (sent, lost, twice) per method, summed over
+    every batch of every worker process (bench_start.py appends one line a batch)."""
+    totals: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    path = folder / RECORDS_FILE
+    if path.exists():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            totals[entry["method"]].update({key: entry[key] for key in ("sent", "lost", "twice")})
+    return {m: (c["sent"], c["lost"], c["twice"]) for m, c in totals.items()}
 
 
 def _plots(r: Results, folder: Path) -> list[Path]:

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import report  # noqa: E402
-from common import NATIVE_ENV, build_native  # noqa: E402
+from common import NATIVE_ENV, RECORDS_ENV, RECORDS_FILE, build_native  # noqa: E402
 
 SUITES = {
     "fork": "bench_fork.py",
@@ -49,12 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as build:
+        records = args.out / RECORDS_FILE
         env = dict(os.environ, **{NATIVE_ENV: str(build_native(Path(build)))})
+        env[RECORDS_ENV] = str(records)
         for suite in args.suite or list(SUITES):
             output = args.out / f"{suite}.json"
             output.unlink(missing_ok=True)
+            if suite == "start":
+                records.unlink(missing_ok=True)
             cmd = [sys.executable, str(HERE / SUITES[suite]), "--quiet", "-o", str(output)]
-            cmd += ["--inherit-environ", NATIVE_ENV]  # pyperf workers get a clean environment
+            # pyperf workers get a clean environment
+            cmd += ["--inherit-environ", f"{NATIVE_ENV},{RECORDS_ENV}"]
             print(f"== {suite}: {' '.join(cmd[1:])} {' '.join(MODES[mode])}", flush=True)
             subprocess.run([*cmd, *MODES[mode]], env=env, check=True)
     written = report.write(args.out, mode=mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 
 def noop() -> None:
@@ -15,11 +16,16 @@ def tiny(x: int) -> int:
     return x
 
 
-def log_once() -> int:
-    """The seed program's worker: one log call, through the QueueHandler a forked
-    worker inherits (a spawned one has no handler: it logs nowhere, quietly)."""
-    root = logging.getLogger()
-    if not root.handlers:
-        root.addHandler(logging.NullHandler())
-    logging.error("hello from a pool worker")
+def log_once(k: int) -> int:
+    """The seed program's worker: one numbered record, through the QueueHandler a
+    forked worker inherits or the one ``log_to`` gave a spawned one."""
+    logging.error("seed record %d", k)
     return os.getpid()
+
+
+def log_to(records: Any) -> None:
+    """Pool initializer for spawn and forkserver workers: their records go to the
+    parent through a multiprocessing queue (the logging cookbook's way)."""
+    from logging.handlers import QueueHandler
+
+    logging.getLogger().addHandler(QueueHandler(records))
