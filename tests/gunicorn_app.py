@@ -2,8 +2,10 @@
 
 Logging goes QueueHandler -> queue.Queue -> QueueListener, whose handlers are a
 FileHandler(os.devnull) (a real buffered file, never a growing one) and a counter of
-the requests' records.  A thread logs without pause, so the master forks its workers
-while other threads hold the queue's lock and the file's.  Every request logs a line
+the requests' records.  A thread logs without pause (but for a millisecond when the
+listener falls 1,000 records behind, so memory stays bounded), so the master forks its
+workers while other threads hold the queue's lock and the file's.  If the test that
+started the server dies, the server kills itself.  Every request logs a line
 in the worker; a worker leaves after its request quota through sys.exit(), and so
 through logging.shutdown(), which flushes the FileHandler.
 
@@ -20,7 +22,9 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any
@@ -60,9 +64,20 @@ atexit.register(_report)
 def _tick() -> None:
     while True:
         log.info("background work")
+        if log_queue.qsize() > 1000:  # the listener fell behind: let it catch up
+            time.sleep(0.001)
+
+
+def _watch_parent(parent: int) -> None:
+    # Started by a test: if the test's process dies without stopping the server,
+    # the server (its whole process group: master and workers) goes too.
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os.killpg(0, signal.SIGKILL)
 
 
 threading.Thread(target=_tick, daemon=True, name="ticker").start()
+threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
