@@ -113,8 +113,9 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
 def test_gunicorn_workers_hang_without_forkguard(tmp_path: Path) -> None:
     result = serve(tmp_path, protect=False, requests=60, stop_at_first_hang=True)
     assert result["hung_workers"] > 0, result
-    # And the requests answered before that had their records lost in the workers.
-    assert result["records_once"] < result["answered"], result
+    # And no record a worker logged reached the master's listener (each went into
+    # the worker's own copy of the queue), for the requests answered before the hang.
+    assert result["records_once"] == result["records_twice"] == 0, result
 
 
 def test_gunicorn_under_forkguard_run_answers_every_request(tmp_path: Path) -> None:
