@@ -99,6 +99,7 @@ int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int 
 static const double FORKGUARD_DEFAULT_TIMEOUT;
 static const double FORKGUARD_TIMEOUT_MAX;
 int fg_features(void);
+int fg_handlers_installed(void);
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
 int fg_sem_value(sem_t *sem, unsigned int *value);
 int fg_last_fork_timeouts(void);

@@ -47,6 +47,7 @@
 
 #include <errno.h>
 #include <limits.h> /* SEM_VALUE_MAX */
+#include <sched.h>  /* sched_yield */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -745,6 +746,8 @@ static void restore_all(long ft)
 /* ------------------------------------------------------------------ */
 /* The atfork handlers. */
 
+static int handlers_state; /* see ensure_handlers() */
+
 static void atfork_prepare(void)
 {
     int saved_errno = errno;
@@ -837,6 +840,8 @@ static void atfork_child(void)
 {
     static const pthread_mutex_t fresh_lock = PTHREAD_MUTEX_INITIALIZER;
     int saved_errno = errno;
+    /* Running, so installed (the parent may not have recorded it yet). */
+    __atomic_store_n(&handlers_state, -1, __ATOMIC_RELAXED);
     long ft = tls_fork_tid;
     if (tls_pass > 0) {
         restore_all(ft);
@@ -941,14 +946,66 @@ static void init_process(void)
         }
     }
 #endif
-    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0)
-        init_result = FORKGUARD_EATFORK;
 }
 
 int fg_init(void)
 {
     pthread_once(&init_once, init_process);
     return init_result;
+}
+
+/* The pthread_atfork handlers are installed by the first registration, not at load:
+ * a process that registers nothing in C pays nothing at its forks (their code and
+ * data pages would otherwise be faulted into every child).  -1: installed; 0: not
+ * yet; a pid: that process's thread is installing them.  A child forked while its
+ * parent was installing finds the parent's pid there: if the handlers made it in
+ * before the fork, the child handler has already set -1; if not, the child's first
+ * registration takes over.  (pthread_once would leave such a child waiting for ever.)
+ * handlers_state is defined above atfork_prepare(). */
+
+static int ensure_handlers(void)
+{
+    int me = 0;
+    for (;;) {
+        int s = __atomic_load_n(&handlers_state, __ATOMIC_ACQUIRE);
+        if (s == -1)
+            return FORKGUARD_OK;
+        if (me == 0)
+            me = (int)getpid();
+        if (s == me) { /* another thread of this process is installing them */
+            sched_yield();
+            continue;
+        }
+        if (!__atomic_compare_exchange_n(&handlers_state, &s, me, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
+            __atomic_store_n(&handlers_state, 0, __ATOMIC_RELEASE);
+            return FORKGUARD_EATFORK;
+        }
+        __atomic_store_n(&handlers_state, -1, __ATOMIC_RELEASE);
+        return FORKGUARD_OK;
+    }
+}
+
+/* Nothing has been registered in this process (or its ancestors) until the handlers
+ * are installed, so readers and fg_unregister() then answer without taking a lock:
+ * a lock taken while no handler can repair it might be inherited held by a child. */
+static int installed(void)
+{
+    return __atomic_load_n(&handlers_state, __ATOMIC_ACQUIRE) == -1;
+}
+
+int fg_handlers_installed(void)
+{
+    return installed();
+}
+
+/* Everything a registration needs before it takes a lock. */
+static int ready(void)
+{
+    int rc = fg_init();
+    return rc != FORKGUARD_OK ? rc : ensure_handlers();
 }
 
 /* ------------------------------------------------------------------ */
@@ -966,7 +1023,7 @@ static int check_common(const void *obj, size_t align, int policy,
     /* Also false for NaN and infinities. */
     if (!(timeout >= 0.0 && timeout <= FORKGUARD_TIMEOUT_MAX))
         return FORKGUARD_EINVAL;
-    return fg_init();
+    return ready();
 }
 
 static void entry_init(fg_entry *e, int kind, void *obj, int policy,
@@ -1270,7 +1327,7 @@ int fg_register_hooks(forkguard_hook prepare, forkguard_hook parent, forkguard_h
 {
     if (handle == NULL || (!prepare && !parent && !child))
         return FORKGUARD_ENULL;
-    int rc = fg_init();
+    int rc = ready();
     if (rc != FORKGUARD_OK)
         return rc;
     fg_entry e;
@@ -1308,6 +1365,8 @@ int fg_unregister(uint64_t handle)
 {
     if (tls_state)
         return FORKGUARD_EBUSY;
+    if (!installed())
+        return FORKGUARD_ESTALE;
     reg_lock();
     int32_t i = handle_slot(handle);
     if (i != NIL && reg.slots[i].active == NULL) {
@@ -1357,6 +1416,8 @@ static void read_end(int locked)
 
 int fg_is_active(uint64_t handle)
 {
+    if (!installed())
+        return 0;
     int locked = read_begin();
     int active = handle_slot(handle) != NIL;
     read_end(locked);
@@ -1367,6 +1428,8 @@ int fg_info(uint64_t handle, fg_info_t *info)
 {
     if (info == NULL)
         return FORKGUARD_ENULL;
+    if (!installed())
+        return FORKGUARD_ESTALE;
     int locked = read_begin();
     int32_t i = handle_slot(handle);
     if (i != NIL) {
@@ -1388,6 +1451,8 @@ int fg_info(uint64_t handle, fg_info_t *info)
 
 size_t fg_list(uint64_t *handles, size_t cap)
 {
+    if (!installed())
+        return 0;
     int locked = read_begin();
     size_t n = 0;
     for (int32_t i = reg.obj_head; i != NIL; i = reg.slots[i].next, n++)
@@ -1419,6 +1484,8 @@ const forkguard_api *fg_api(void)
 
 size_t fg_count(void)
 {
+    if (!installed())
+        return 0;
     int locked = read_begin();
     size_t n = reg.count;
     read_end(locked);

@@ -71,6 +71,8 @@ int fg_is_active(uint64_t handle);
 int fg_info(uint64_t handle, fg_info_t *info);
 size_t fg_count(void);
 int fg_features(void);
+/* 1 once this process has its pthread_atfork handlers (its first C registration). */
+int fg_handlers_installed(void);
 
 /* Up to `cap` live handles (objects oldest first, then hooks oldest first);
  * returns how many there are. */

@@ -1,16 +1,23 @@
 """forkguard's pytest plugin (entry point ``pytest11: forkguard``): the ``fork_stress``
-fixture and the ``--fork-storm-forks`` option."""
+fixture and the ``--fork-storm-forks`` option.
+
+A module of its own, outside the ``forkguard`` package, and forkguard is imported only
+when a test asks for the fixture: installing forkguard adds no import and no fork
+hook to a pytest run that does not use it.
+"""
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from forkguard import testing
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from forkguard import testing
 
 
 def _forks(text: str) -> int:
@@ -36,6 +43,8 @@ def fork_stress(request: pytest.FixtureRequest) -> Callable[..., testing.StressR
     """forkguard.testing.fork_stress, with ``forks`` defaulting to ``--fork-storm-forks``."""
     if not hasattr(os, "fork"):
         pytest.skip("fork_stress needs os.fork()")
+    from forkguard import testing
+
     forks: Any = request.config.getoption("fork_storm_forks")
     if forks is None:
         return testing.fork_stress

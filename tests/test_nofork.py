@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from forkguard import _backend, _registry
+from forkguard import _backend, _fork_phases, _registry
 
 
 def test_nofork_registry_keeps_registrations_and_validates() -> None:
@@ -30,10 +30,14 @@ def test_nofork_registry_keeps_registrations_and_validates() -> None:
     assert reg.registrations() == [r, hooks]
     assert r.unregister() and hooks.unregister()
     assert reg.registrations() == []
+    assert reg._phases.installed == 0  # no fork hook installed: there is no fork
 
 
 def test_load_picks_the_nofork_backend_without_fork(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(_backend.os, "fork")
     assert isinstance(_backend.load(), _backend.NoForkBackend)
-    monkeypatch.delattr(_registry.os, "register_at_fork")
-    _registry.install(_registry.Registry(_backend.NoForkBackend()))  # nothing to hook: no-op
+    monkeypatch.delattr(_fork_phases.os, "register_at_fork")
+    reg = _registry.Registry(_backend.NoForkBackend())
+    reg.register(threading.Lock())
+    reg.at_fork(before=lambda: None)
+    assert reg._phases.installed == 0  # nothing to hook: no-op

@@ -128,6 +128,31 @@ def test_fixture_defaults_to_the_option(request: pytest.FixtureRequest, fork_str
     assert fork_stress(lambda i: lambda: None, lambda: True, forks=3).requested == 3
 
 
+def test_the_plugin_alone_imports_no_forkguard(tmp_path: Path) -> None:
+    """Installed, forkguard's plugin loads in every pytest run; a run that does not use
+    its fixture gets neither the forkguard package nor any of its fork hooks."""
+    (tmp_path / "test_alone.py").write_text(
+        textwrap.dedent(
+            """
+            import sys
+
+            def test_alone():
+                assert "forkguard_pytest" in sys.modules  # the plugin is loaded
+                assert [m for m in sys.modules if m.split(".")[0] == "forkguard"] == []
+            """
+        )
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_alone.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+
 # A stand-in for "mylib", the extension in docs/testing.md: a C mutex that work() takes
 # and releases (in C, GIL released), registered at import unless MYLIB_REGISTER=0.
 MYLIB = """

@@ -14,18 +14,21 @@ See the README for policies ("reset" and "hold"), C objects, and limits.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Literal
 
-from forkguard import _backend, _registry
-from forkguard._registry import HoldTimeoutWarning, Policy, Registration
+from forkguard import _backend, _fork_phases, _registry
+from forkguard._registry import HoldTimeoutWarning, Registration
 from forkguard._targets import DEFAULT_TIMEOUT
 
-if TYPE_CHECKING:  # imported on first use: protect() needs ctypes, plain use does not
+# typing, and the modules behind protect() and forward(), are imported on first use:
+# `import forkguard` stays cheap (docs/design.md, "Import").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     import queue
-    from typing import Any
+    from typing import Any, Literal
 
     from forkguard._forward import Forwarding
     from forkguard._protect import Protection
+    from forkguard._registry import Policy
 
 __version__ = "0.1.0"
 __all__ = [
@@ -43,8 +46,8 @@ __all__ = [
     "registrations",
 ]
 
+# Its fork hooks are installed as registrations need them (_fork_phases.py).
 _REGISTRY = _registry.Registry(_backend.load())
-_registry.install(_REGISTRY)
 
 
 def register(
@@ -176,6 +179,8 @@ def get_include() -> str:
 
 
 def __getattr__(name: str) -> object:
+    if name == "Policy":  # typing is imported only for it
+        return _registry.Policy
     if name == "Protection":
         from forkguard._protect import Protection
 
@@ -190,6 +195,8 @@ def __getattr__(name: str) -> object:
         _REGISTRY.backend, _backend.NativeBackend
     ):
         value = _REGISTRY.backend.capsule() if name == "_C_API" else _REGISTRY.backend.api_address()
+        # C code may register holds from now on: their timeouts are reported after forks.
+        _REGISTRY.need_fork_phases(_fork_phases.PARENT)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'forkguard' has no attribute {name!r}")

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
-from typing import Final, Protocol
+
+# Not imported at run time: `import forkguard` stays cheap (docs/design.md, "Import").
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final, Protocol
+else:
+    Protocol = object
 
 # Kinds of C object, as named in the Python API.
 MUTEX: Final = "pthread_mutex"
@@ -26,17 +31,33 @@ POLICY_RESET: Final = 0
 POLICY_HOLD: Final = 1
 
 
-@dataclass(frozen=True)
 class CInfo:
-    """What the C registry records about one registration."""
+    """What the C registry records about one registration (read-only by convention)."""
 
-    kind: str
-    policy: int
-    timeout: float
-    mutex_type: str | None
-    hold_timeouts: int
-    address: int
-    name: str
+    __slots__ = ("address", "hold_timeouts", "kind", "mutex_type", "name", "policy", "timeout")
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        policy: int,
+        timeout: float,
+        mutex_type: str | None,
+        hold_timeouts: int,
+        address: int,
+        name: str,
+    ) -> None:
+        self.kind = kind
+        self.policy = policy
+        self.timeout = timeout
+        self.mutex_type = mutex_type
+        self.hold_timeouts = hold_timeouts
+        self.address = address
+        self.name = name
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"CInfo({fields})"
 
 
 class Backend(Protocol):
@@ -295,7 +316,15 @@ class NoForkBackend:
         if any(i.address == address for i in self._live.values()):
             raise ValueError(f"{C_TYPE_NAMES[kind]} at {address:#x} is already registered")
         handle = next(self._next)
-        self._live[handle] = CInfo(kind, policy, timeout, mutex_type, 0, address, name or "")
+        self._live[handle] = CInfo(
+            kind=kind,
+            policy=policy,
+            timeout=timeout,
+            mutex_type=mutex_type,
+            hold_timeouts=0,
+            address=address,
+            name=name or "",
+        )
         return handle
 
     def unregister(self, handle: int) -> bool:

@@ -11,26 +11,38 @@ after_in_parent   Python holds released; warnings and errors reported; user afte
 
 None of the fork hooks takes ``Registry._lock``, and none waits for the C
 registry: a thread that registers may hold the GIL or any lock an earlier
-before-hook needs (docs/design.md, "Lock order").
+before-hook needs (docs/design.md, "Lock order").  Each phase is installed with
+``os.register_at_fork`` when the first registration that needs it arrives
+(``_fork_phases.py``): a process that registers nothing in Python pays no
+Python at its forks.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
-import operator
 import os
 import sys
 import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
 
-from forkguard import _backend, _targets
+from forkguard import _backend, _fork_phases, _targets
 
-Policy = Literal["reset", "hold"]
-Hook = Callable[[], object]
+TYPE_CHECKING = False  # typing is not imported at run time: `import forkguard` stays cheap
+if TYPE_CHECKING:
+    from typing import Any, Literal, TypeAlias
+
+    Policy: TypeAlias = Literal["reset", "hold"]
+    Hook: TypeAlias = Callable[[], object]
+
+
+def __getattr__(name: str) -> object:
+    if name == "Policy":  # the public alias, made when someone asks for it
+        from typing import Literal
+
+        return Literal["reset", "hold"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HoldTimeoutWarning(RuntimeWarning):
@@ -51,7 +63,7 @@ class Registration:
         "__weakref__",
         "_active",
         "_address",
-        "_bucket",
+        "_buckets",
         "_c_timeouts_seen",
         "_ended",
         "_handle",
@@ -90,7 +102,7 @@ class Registration:
         self._hooks: tuple[Hook | None, Hook | None, Hook | None] | None = None
         self._hold_timeouts = 0
         self._c_timeouts_seen = 0
-        self._bucket: dict[int, Any] | None = None  # the fork hooks' list it is on
+        self._buckets: tuple[dict[int, Any], ...] = ()  # the fork hooks' lists it is on
         self._mutex_type: str | None = ""  # C mutexes: None until read from C
 
     @property
@@ -206,21 +218,46 @@ class Registry:
 
     def __init__(self, backend: _backend.NativeBackend | _backend.NoForkBackend) -> None:
         self.backend = backend
-        self._lock = threading.Lock()
+        # The lock of registering, as (pid, lock): see _locked().
+        self._lock_entry: tuple[int, threading.Lock] = (os.getpid(), threading.Lock())
+        self._child_locks: dict[int, tuple[int, threading.Lock]] = {}
         # Everything, for listing; the fork hooks only walk the buckets below,
         # so C objects (restored in C) and plain locks cost no Python per fork.
         self._objects: dict[int, Registration] = {}  # in registration order
         self._hooks: dict[int, Registration] = {}  # at_fork hooks
         self._holds: dict[int, Registration] = {}  # Python objects, policy "hold"
         self._resets: dict[int, Registration] = {}  # Python objects, policy "reset"
-        self._plain_locks: dict[int, weakref.ref[Any]] = {}  # threading.Lock, "reset"
+        # "reset" objects whose whole reset is a threading Lock or RLock re-initialised
+        # and Conditions' waiter lists emptied (Lock, RLock, Condition, Queue): done
+        # in C loops, with no Python frame per object.
+        self._plain_locks: dict[int, weakref.ref[Any]] = {}
+        self._plain_rlocks: dict[int, weakref.ref[Any]] = {}
+        self._waiters: dict[int, tuple[Any, ...]] = {}
         self._c_holds: dict[int, Registration] = {}  # C objects, policy "hold"
         self._by_key: dict[tuple[str, int], Registration] = {}
         self._tokens = itertools.count(1)
         # Forks in progress, by forking thread: a stack, since a before-hook may fork.
         self._forks: dict[int, list[_ForkState]] = {}
+        self._phases = _fork_phases.Phases(self)
 
     # ---------------------------------------------------------------- registering
+
+    def _locked(self) -> threading.Lock:
+        """The registry's lock.  A forked child makes its own on first use, since a
+        thread that no longer exists may have held the parent's at the fork.  No fork
+        hook repairs it: a process that registers only C objects runs no Python at a
+        fork.  dict.setdefault is atomic under the GIL, so threads of a child racing
+        to its first registration get the same lock."""
+        pid, lock = self._lock_entry
+        if pid != os.getpid():
+            pid = os.getpid()
+            entry = self._child_locks.setdefault(pid, (pid, threading.Lock()))
+            self._lock_entry, lock = entry, entry[1]
+            # Earlier generations' entries go: a later descendant could reuse their pid.
+            for other in list(self._child_locks):
+                if other != pid:
+                    self._child_locks.pop(other, None)
+        return lock
 
     def register(
         self,
@@ -247,7 +284,7 @@ class Registry:
         else:
             label = _backend.C_TYPE_NAMES[target.kind]
 
-        with self._lock:
+        with self._locked():
             existing = self._by_key.get(target.key)
             if existing is not None and existing._active:
                 return self._same_registration(existing, target, hold, seconds)
@@ -269,25 +306,47 @@ class Registry:
                 reg._address = target.address
                 reg._keepalive = target.keepalive
                 reg._mutex_type = None if target.kind == _backend.MUTEX else ""
-                bucket: dict[int, Any] | None = self._c_holds if hold else None
-                entry: object = reg
+                entries: list[tuple[dict[int, Any], Any]] = [(self._c_holds, reg)] if hold else []
+                phases = _fork_phases.PARENT if hold else 0
             else:
                 reg._pykind = target.kind
                 reg._address = id(target.obj)
-                reg._ref = entry = _targets.reference(target.obj, target.kind, reg._collected)
+                reg._ref = _targets.reference(target.obj, target.kind, reg._collected)
                 target.kind.on_register(target.obj)
-                if hold:
-                    bucket, entry = self._holds, reg
-                elif type(target.obj) is _targets.LOCK_TYPE:
-                    bucket = self._plain_locks  # holds the weakref itself
-                else:
-                    bucket, entry = self._resets, reg
-            self._objects[reg._token] = reg
-            if bucket is not None:
+                entries = self._py_entries(reg, target.obj, hold)
+                phases = _fork_phases.ALL if hold else _fork_phases.CHILD
+            self._phases.need(phases)
+            # On the fork hooks' lists before it is listed: a child forked in between
+            # (another thread may fork at any bytecode) lists nothing it does not reset.
+            reg._buckets = tuple(bucket for bucket, _ in entries)
+            for bucket, entry in entries:
                 bucket[reg._token] = entry
-                reg._bucket = bucket
+            self._objects[reg._token] = reg
             self._by_key[target.key] = reg
         return reg
+
+    def need_fork_phases(self, phases: int) -> None:
+        """Install these fork phases now if they are not (see _fork_phases.py)."""
+        with self._locked():
+            self._phases.need(phases)
+
+    def _py_entries(
+        self, reg: Registration, obj: object, hold: bool
+    ) -> list[tuple[dict[int, Any], Any]]:
+        """The fork hooks' lists a Python registration goes on, and its entry on each."""
+        if hold:
+            return [(self._holds, reg)]
+        plain = reg._pykind.plain_parts(obj) if reg._pykind is not None else None
+        if plain is None:
+            return [(self._resets, reg)]
+        lock, waiters = plain
+        # A weak reference to the lock: the registration's own reference to `obj`
+        # ends it when `obj` goes.
+        locks = self._plain_locks if type(lock) is _targets.LOCK_TYPE else self._plain_rlocks
+        entries: list[tuple[dict[int, Any], Any]] = [(locks, weakref.ref(lock))]
+        if waiters:
+            entries.append((self._waiters, waiters))
+        return entries
 
     @staticmethod
     def _same_registration(
@@ -331,14 +390,19 @@ class Registry:
         reg_name = _targets.check_name(name)
         if reg_name is None:
             reg_name = default_name()
-        with self._lock:
+        with self._locked():
             reg = Registration(self, next(self._tokens), reg_name, "at_fork hooks")
             reg._hooks = hooks
+            self._phases.need(
+                (before is not None and _fork_phases.BEFORE)
+                | (after_in_parent is not None and _fork_phases.PARENT)
+                | (after_in_child is not None and _fork_phases.CHILD)
+            )
             self._hooks[reg._token] = reg
         return reg
 
     def unregister(self, reg: Registration) -> bool:
-        with self._lock:
+        with self._locked():
             if not reg._active:
                 return False
             ended_here = True
@@ -356,8 +420,8 @@ class Registry:
         reg._active = False
         reg._ended = why
         (self._hooks if reg._hooks is not None else self._objects).pop(reg._token, None)
-        if reg._bucket is not None:
-            reg._bucket.pop(reg._token, None)
+        for bucket in reg._buckets:
+            bucket.pop(reg._token, None)
         if reg._key is not None and self._by_key.get(reg._key) is reg:
             self._by_key.pop(reg._key, None)
         reg._keepalive = None
@@ -455,22 +519,55 @@ class Registry:
         _raise_all(errors)
 
     def after_fork_in_child(self) -> None:
-        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
-        stack = self._forks.get(threading.get_ident()) or [_ForkState()]
-        state = stack.pop()
-        # Other threads' forks in progress vanished with them; this thread's outer
-        # forks (a before-hook that forked) go on in this child, holds and all.
-        self._forks = {threading.get_ident(): stack} if stack else {}
+        # Every object this touches, code included, costs the child a copy-on-write
+        # page fault, so this is kept short and each step is skipped when its list is
+        # empty (docs/design.md, "What runs at a fork").  The plain objects (see
+        # __init__) are reset by plain loops in this one frame: C iterator chains
+        # would save time per object, but their temporaries fault more pages.
         errors: list[BaseException] = []
-        released = {reg._token for s in stack for reg, _ in s.held}
-        for reg, obj in state.held:
-            released.add(reg._token)
-            try:
-                reg._pykind.release_child(obj, reg._value)  # type: ignore[union-attr]
-            except BaseException as exc:
-                _note(exc, f"while releasing {reg!r} in the child")
-                errors.append(exc)
-        _reset_plain_locks(self._plain_locks, errors)
+        if self._plain_locks:
+            for ref in self._plain_locks.values():
+                lock = ref()
+                if lock is not None:
+                    try:
+                        _LOCK_REINIT(lock)
+                    except BaseException as exc:
+                        errors.append(exc)
+        if self._plain_rlocks:
+            for ref in self._plain_rlocks.values():
+                lock = ref()
+                if lock is not None and not _RLOCK_IS_OWNED(lock):
+                    try:
+                        _RLOCK_REINIT(lock)
+                    except BaseException as exc:
+                        errors.append(exc)
+        if self._waiters:
+            for lists in self._waiters.values():
+                for waiters in lists:
+                    if waiters:
+                        waiters.clear()
+        if self._forks or self._resets or self._holds or self._hooks:
+            self._child_others(errors)
+        if errors:
+            _raise_all(errors)
+
+    def _child_others(self, errors: list[BaseException]) -> None:
+        """The child's work for holds, other Python objects and at_fork hooks."""
+        released: set[int] = set()
+        if self._forks:  # a before-hook ran: holds to give back
+            stack = self._forks.get(threading.get_ident()) or [_ForkState()]
+            state = stack.pop()
+            # Other threads' forks in progress vanished with them; this thread's outer
+            # forks (a before-hook that forked) go on in this child, holds and all.
+            self._forks = {threading.get_ident(): stack} if stack else {}
+            released = {reg._token for s in stack for reg, _ in s.held}
+            for reg, obj in state.held:
+                released.add(reg._token)
+                try:
+                    reg._pykind.release_child(obj, reg._value)  # type: ignore[union-attr]
+                except BaseException as exc:
+                    _note(exc, f"while releasing {reg!r} in the child")
+                    errors.append(exc)
         # C objects were restored by the C child handler; the rest are reset here.
         # (Holds that timed out or were shared get reset too.)
         for reg in [*self._resets.values(), *self._holds.values()]:
@@ -484,7 +581,6 @@ class Registry:
                 errors.append(exc)
         for reg in list(self._hooks.values()):
             _call_hook(reg, 2, errors)
-        _raise_all(errors)
 
     def _warn_c_timeouts(self, count: int) -> None:
         named = 0
@@ -499,25 +595,9 @@ class Registry:
             _warn_timeout(what, None, stacklevel=4)
 
 
-def _reset_plain_locks(refs: dict[int, weakref.ref[Any]], errors: list[BaseException]) -> None:
-    """Reset every live plain threading.Lock in `refs`, with no Python frame per lock."""
-    try:
-        collections.deque(
-            map(_targets.LOCK_REINIT, filter(None, map(_DEREF, refs.values()))), maxlen=0
-        )
-    except Exception:  # one failed (or the dict changed): redo them one by one
-        for ref in list(refs.values()):
-            lock = ref()
-            if lock is not None:
-                try:
-                    _targets.LOCK_REINIT(lock)
-                except BaseException as exc:
-                    errors.append(exc)
-
-
-# weakref.ref objects are callables; calling them through operator.call (3.11+)
-# keeps the loop in C.
-_DEREF: Callable[[weakref.ref[Any]], Any] = getattr(operator, "call", lambda ref: ref())
+_LOCK_REINIT = _targets.LOCK_REINIT
+_RLOCK_REINIT = _targets.RLOCK_REINIT
+_RLOCK_IS_OWNED = _targets.RLOCK_IS_OWNED
 
 
 def _call_hook(reg: Registration, phase: int, errors: list[BaseException]) -> None:
@@ -561,13 +641,3 @@ def _warn_timeout(what: str, timeout: float | None, *, stacklevel: int) -> None:
         HoldTimeoutWarning,
         stacklevel=stacklevel,
     )
-
-
-def install(registry: Registry) -> None:
-    """Hook `registry` into os.fork() once; a no-op where there is no fork."""
-    if hasattr(os, "register_at_fork"):
-        os.register_at_fork(
-            before=registry.before_fork,
-            after_in_parent=registry.after_fork_in_parent,
-            after_in_child=registry.after_fork_in_child,
-        )

@@ -17,7 +17,10 @@ so the total stays exact; which thread it is taken from is then a guess.
 from __future__ import annotations
 
 import threading
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _UNITS = "_forkguard_units"  # instance attribute: {thread ident: units held}
 _SUBCLASSES: dict[type, type] = {}

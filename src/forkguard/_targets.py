@@ -13,9 +13,12 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Final
 
 from forkguard import _backend, _sem_owners
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 DEFAULT_TIMEOUT: Final = 1.0
 # Modules of CPython's C types that guard their state with a lock of their own
@@ -87,6 +90,14 @@ class PyKind:
     def reset(self, obj: Any, value: int | None) -> None:
         raise NotImplementedError
 
+    def plain_parts(self, obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
+        """(lock, waiter lists) when resetting `obj` is exactly: re-initialise that
+        ``threading.Lock``, or CPython's C ``RLock`` unless the forking thread owns
+        it, and empty those Conditions' waiter lists.  The child then does it in C
+        loops, with no Python frame per object; None (the default) means
+        ``reset()`` is called."""
+        return None
+
     def hold_lock(self, obj: Any) -> object:
         """The object a hold acquires (two registrations sharing it hold it once)."""
         return obj
@@ -119,6 +130,9 @@ class LockKind(PyKind):
     def reset(self, obj: Any, value: int | None) -> None:
         reset_lock(obj)
 
+    def plain_parts(self, obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
+        return (obj, ()) if type(obj) in PLAIN_LOCK_TYPES else None
+
     def release_child(self, obj: Any, value: int | None) -> None:
         _release_held_lock(obj)
 
@@ -136,6 +150,9 @@ class ConditionKind(PyKind):
     def reset(self, obj: Any, value: int | None) -> None:
         reset_lock(obj._lock)
         _clear_waiters(obj)
+
+    def plain_parts(self, obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
+        return (obj._lock, (obj._waiters,)) if type(obj._lock) in PLAIN_LOCK_TYPES else None
 
     def hold_lock(self, obj: Any) -> object:
         return obj._lock
@@ -204,6 +221,12 @@ class QueueKind(PyKind):
         reset_lock(obj.mutex)
         self._clear(obj)
 
+    def plain_parts(self, obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
+        if type(obj.mutex) not in PLAIN_LOCK_TYPES:
+            return None
+        conditions = (obj.not_empty, obj.not_full, obj.all_tasks_done)
+        return obj.mutex, tuple(c._waiters for c in conditions)
+
     def hold_lock(self, obj: Any) -> object:
         return obj.mutex
 
@@ -255,8 +278,12 @@ _EVENT = EventKind()
 
 LOCK_TYPE: Final = type(threading.Lock())
 LOCK_REINIT: Final = LOCK_TYPE._at_fork_reinit  # type: ignore[attr-defined]
+RLOCK_TYPE: Final = type(threading.RLock())  # CPython's C RLock
+RLOCK_REINIT: Final = RLOCK_TYPE._at_fork_reinit  # type: ignore[attr-defined]
+RLOCK_IS_OWNED: Final = RLOCK_TYPE._is_owned  # type: ignore[attr-defined]
+PLAIN_LOCK_TYPES: Final = (LOCK_TYPE, RLOCK_TYPE)
 _LOCK_TYPES: tuple[type, ...] = (LOCK_TYPE,)
-_RLOCK_TYPES: tuple[type, ...] = (type(threading.RLock()), threading._PyRLock)  # type: ignore[attr-defined]
+_RLOCK_TYPES: tuple[type, ...] = (RLOCK_TYPE, threading._PyRLock)  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""What Python runs at a fork, counted: the guard against forkguard's per-fork work growing.
+
+Every Python function that runs costs a fork copy-on-write page faults, so
+forkguard's fork path is checked by counting the Python calls made in forkguard's
+code at each fork (a profile function set just before ``os.fork()``), not by timing.
+Also: the C core installs its pthread_atfork handlers only at the first C registration.
+Each case runs in a fresh interpreter (fork hooks cannot be removed) and forks one
+child, which reports what ran on its side; the parent reports what ran on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import ctypes, json, os, sys, threading, queue
+
+    exec(sys.argv[1])
+
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call" and "forkguard" in frame.f_code.co_filename:
+            calls.append(frame.f_code.co_name)
+
+    read_end, write_end = os.pipe()
+    sys.setprofile(profile)
+    pid = os.fork()
+    sys.setprofile(None)
+    if pid == 0:
+        os.write(write_end, json.dumps(calls).encode())
+        os._exit(0)
+    os.close(write_end)
+    child = json.loads(os.read(read_end, 1 << 20))
+    os.waitpid(pid, 0)
+    print(json.dumps({"child": child, "parent": calls}))
+    """
+)
+
+
+def calls_at_fork(setup: str) -> dict[str, list[str]]:
+    run = subprocess.run(
+        [sys.executable, "-c", SCRIPT, textwrap.dedent(setup)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result: dict[str, list[str]] = json.loads(run.stdout)
+    return result
+
+
+C_MUTEXES = """
+# Memory shaped and aligned like pthread_mutex_t, zeroed (a default mutex on glibc).
+buffers = [ctypes.create_string_buffer(64) for _ in range({n})]
+regs = [forkguard.register(ctypes.addressof(b), kind="pthread_mutex", mutex_type="normal")
+        for b in buffers]
+"""
+
+
+@pytest.mark.parametrize(
+    ("setup", "child"),
+    [
+        pytest.param("import forkguard", [], id="imported"),
+        pytest.param("import forkguard\n" + C_MUTEXES.format(n=100), [], id="100 C mutexes"),
+        pytest.param(
+            "import forkguard\nregs = [forkguard.register(threading.Lock()) for _ in range(3)]\n"
+            "for r in regs: r.unregister()",
+            ["after_fork_in_child"],  # installed once needed, then idle
+            id="registered, then unregistered",
+        ),
+    ],
+)
+def test_no_python_runs_in_the_parent(setup: str, child: list[str]) -> None:
+    assert calls_at_fork(setup) == {"child": child, "parent": []}
+
+
+@pytest.mark.parametrize("n", [1, 100])
+def test_plain_locks_queues_and_conditions_cost_one_python_call_in_all(n: int) -> None:
+    calls = calls_at_fork(
+        f"""
+        import forkguard
+        keep = [threading.Lock() for _ in range({n})]
+        keep += [queue.Queue() for _ in range({n})]
+        keep += [threading.Condition() for _ in range({n})]
+        regs = [forkguard.register(obj) for obj in keep]
+        """
+    )
+    assert calls == {"child": ["after_fork_in_child"], "parent": []}, calls
+
+
+def test_the_count_sees_per_object_python_calls() -> None:
+    # The guard can fail: objects reset by Python code run a frame each, and show.
+    calls = calls_at_fork(
+        """
+        import forkguard
+
+        class Resettable:
+            def __forkguard_reset__(self):
+                pass
+
+        keep = [Resettable() for _ in range(5)]
+        regs = [forkguard.register(obj) for obj in keep]
+        """
+    )
+    assert calls["parent"] == []
+    assert calls["child"].count("reset") == 5, calls
+
+
+def test_holds_run_in_all_three_phases() -> None:
+    calls = calls_at_fork(
+        """
+        import forkguard
+        lock = threading.Lock()
+        reg = forkguard.register(lock, policy="hold")
+        """
+    )
+    assert "before_fork" in calls["parent"] and "after_fork_in_parent" in calls["parent"]
+    assert "before_fork" in calls["child"] and "after_fork_in_child" in calls["child"]
+
+
+def test_the_c_handlers_wait_for_the_first_c_registration() -> None:
+    script = textwrap.dedent(
+        """
+        import ctypes, os, threading
+        import forkguard
+        from forkguard._native import lib
+
+        seen = [lib.fg_handlers_installed()]
+        lock = threading.Lock()
+        reg = forkguard.register(lock)  # Python only: no C handler needed
+        seen.append(lib.fg_handlers_installed())
+        buffer = ctypes.create_string_buffer(64)
+        c = forkguard.register(ctypes.addressof(buffer), kind="pthread_mutex")
+        seen.append(lib.fg_handlers_installed())
+        c.unregister()
+        seen.append(lib.fg_handlers_installed())  # installed for good
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write_end, bytes([lib.fg_handlers_installed()]))
+            os._exit(0)
+        os.waitpid(pid, 0)
+        seen.append(os.read(read_end, 1)[0])
+        print(seen)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["[0,", "0,", "1,", "1,", "1]"]
