@@ -29,11 +29,17 @@ SUITES = {
     "start": "bench_start.py",
     "protect": "bench_protect.py",
     "forward": "bench_forward.py",
+    "fastpath": "bench_fastpath.py",  # not a pyperf Runner: interleaves its own processes
 }
 # pyperf settings per mode: worker processes per benchmark and values per process.
 MODES = {
     "quick": ["--processes", "1", "--values", "3", "--warmups", "1", "--min-time", "0.05"],
     "full": ["--processes", "8", "--values", "5", "--warmups", "1"],
+}
+# bench_fastpath.py's own settings: interleaved rounds of forks, import samples.
+FASTPATH_MODES = {
+    "quick": ["--rounds", "4", "--batch", "10", "--import-samples", "4"],
+    "full": ["--rounds", "40", "--batch", "25", "--import-samples", "30"],
 }
 
 
@@ -57,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
             output.unlink(missing_ok=True)
             if suite == "start":
                 records.unlink(missing_ok=True)
-            cmd = [sys.executable, str(HERE / SUITES[suite]), "--quiet", "-o", str(output)]
-            # pyperf workers get a clean environment
-            cmd += ["--inherit-environ", f"{NATIVE_ENV},{RECORDS_ENV}"]
-            print(f"== {suite}: {' '.join(cmd[1:])} {' '.join(MODES[mode])}", flush=True)
-            subprocess.run([*cmd, *MODES[mode]], env=env, check=True)
+            cmd = [sys.executable, str(HERE / SUITES[suite]), "-o", str(output)]
+            if suite == "fastpath":
+                cmd += FASTPATH_MODES[mode]
+            else:
+                # pyperf workers get a clean environment
+                cmd += ["--quiet", "--inherit-environ", f"{NATIVE_ENV},{RECORDS_ENV}"]
+                cmd += MODES[mode]
+            print(f"== {suite}: {' '.join(cmd[1:])}", flush=True)
+            subprocess.run(cmd, env=env, check=True)
     written = report.write(args.out, mode=mode)
     print(f"== done in {time.monotonic() - started:.0f} s; wrote:")
     for path in written:

@@ -1,0 +1,177 @@
+"""What importing and using forkguard adds to a fork, against honest baselines, side by side.
+
+Each variant is a long-lived process of its own: a "realistic" process that has
+imported threading, logging, queue and multiprocessing, then set up one variant
+(forkguard not imported; imported with nothing registered; a hand-written fix; the
+same thing through forkguard).  The driver asks the variants in turn, in a new random
+order every round, for a batch of forks (``os.fork()``, ``os._exit(0)`` in the child,
+``os.wait4()``), so every variant sees the same machine noise; differences of 1-3%
+stay visible where separate runs would drift by more.  Each fork is timed, and its
+minor page faults are counted in the child (``wait4``'s rusage) and in the parent
+(``getrusage`` around the fork).
+
+Also measured: ``import forkguard`` on top of ``import threading, queue, logging``,
+in fresh interpreters, alternating with and without.
+
+Writes pyperf JSON (one benchmark per variant; one run per round; faults in each
+run's metadata): ``python bench_fastpath.py -o fastpath.json [--rounds N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pyperf
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import NATIVE_ENV
+
+LOCKS = 100  # Python locks in the "N locks" variants
+MUTEXES = 1000  # C mutexes in the "C mutexes" variant
+
+# name -> set-up code run in the variant's process after the realistic imports.
+VARIANTS = {
+    "bare": "",
+    "imported": "import forkguard",
+    "hand-queue": (
+        "q = queue.Queue()\nos.register_at_fork(after_in_child=q.mutex._at_fork_reinit)"
+    ),
+    "forkguard-queue": "import forkguard\nq = queue.Queue()\nreg = forkguard.register(q)",
+    "hand-locks": (
+        f"locks = [threading.Lock() for _ in range({LOCKS})]\n"
+        "def reinit():\n"
+        "    for lock in locks:\n"
+        "        lock._at_fork_reinit()\n"
+        "os.register_at_fork(after_in_child=reinit)"
+    ),
+    "forkguard-locks": (
+        "import forkguard\n"
+        f"locks = [threading.Lock() for _ in range({LOCKS})]\n"
+        "regs = [forkguard.register(lock) for lock in locks]"
+    ),
+    "forkguard-c-mutexes": (
+        "import forkguard\n"
+        "from common import native\n"
+        f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})\n"
+        "regs = [forkguard.register(lib.bench_mutex_at(array, i), mutex_type='normal')\n"
+        f"        for i in range({MUTEXES})]"
+    ),
+}
+
+WORKER = r"""
+import logging, multiprocessing, os, queue, resource, sys, threading, time, json
+sys.path.insert(0, sys.argv[2])
+exec(sys.argv[1])
+fork, exit_, wait4, clock = os.fork, os._exit, os.wait4, time.perf_counter
+minflt = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for line in sys.stdin:
+    times, child, parent = [], 0, 0
+    for _ in range(int(line)):
+        before = minflt()
+        start = clock()
+        pid = fork()
+        if pid == 0:
+            exit_(0)
+        usage = wait4(pid, 0)[2]
+        times.append(clock() - start)
+        parent += minflt() - before
+        child += usage.ru_minflt
+    n = len(times)
+    sys.stdout.write(json.dumps([times, child / n, parent / n]) + "\n")
+    sys.stdout.flush()
+"""
+
+IMPORT_PROBE = r"""
+import sys, time
+import threading, queue, logging
+start = time.perf_counter()
+if sys.argv[1] == "1":
+    import forkguard
+print(time.perf_counter() - start)
+"""
+
+
+def measure_forks(rounds: int, batch: int) -> dict[str, list[pyperf.Run]]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    workers = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", WORKER, setup, here],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name, setup in VARIANTS.items()
+    }
+    runs: dict[str, list[pyperf.Run]] = {name: [] for name in VARIANTS}
+    try:
+        for round_ in range(rounds + 1):  # round 0 warms every process up
+            order = list(VARIANTS)
+            random.shuffle(order)
+            for name in order:
+                worker = workers[name]
+                assert worker.stdin is not None and worker.stdout is not None
+                worker.stdin.write(f"{batch}\n")
+                worker.stdin.flush()
+                reply = worker.stdout.readline()
+                if not reply:
+                    raise RuntimeError(f"variant {name!r} died (see its stderr above)")
+                times, child, parent = json.loads(reply)
+                if round_:
+                    metadata = {"name": f"fastpath/{name}", "unit": "second"}
+                    metadata["child_minflt"] = child
+                    metadata["parent_minflt"] = parent
+                    runs[name].append(pyperf.Run(times, metadata=metadata, collect_metadata=False))
+    finally:
+        for worker in workers.values():
+            if worker.stdin is not None:
+                worker.stdin.close()
+            worker.wait(30)
+    return runs
+
+
+def measure_import(samples: int) -> dict[str, list[float]]:
+    seconds: dict[str, list[float]] = {"0": [], "1": []}
+    for _ in range(samples):
+        for arm in random.sample(["0", "1"], 2):
+            out = subprocess.run(
+                [sys.executable, "-c", IMPORT_PROBE, arm],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            seconds[arm].append(float(out.stdout))
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=25, help="forks per variant per round")
+    parser.add_argument("--import-samples", type=int, default=30)
+    args = parser.parse_args()
+    if NATIVE_ENV not in os.environ:
+        sys.exit(f"{NATIVE_ENV} is not set: run this through benchmarks/run.py")
+    benches = [pyperf.Benchmark(runs) for runs in measure_forks(args.rounds, args.batch).values()]
+    imports = measure_import(args.import_samples)
+    for arm, label in (("0", "without"), ("1", "with")):
+        metadata = {"name": f"import/{label}-forkguard", "unit": "second"}
+        runs = [pyperf.Run([s], metadata=metadata, collect_metadata=False) for s in imports[arm]]
+        benches.append(pyperf.Benchmark(runs))
+    suite = pyperf.BenchmarkSuite(benches)
+    args.output.unlink(missing_ok=True)
+    suite.dump(str(args.output))
+    for bench in benches:
+        median = statistics.median(bench.get_values())
+        print(f"{bench.get_name()}: median {median * 1e6:,.0f} us")
+
+
+if __name__ == "__main__":
+    main()
