@@ -39,7 +39,7 @@ MODES = {
 # bench_fastpath.py's own settings: interleaved rounds of forks, import samples.
 FASTPATH_MODES = {
     "quick": ["--rounds", "4", "--batch", "10", "--import-samples", "4"],
-    "full": ["--rounds", "40", "--batch", "25", "--import-samples", "30"],
+    "full": ["--rounds", "100", "--batch", "30", "--import-samples", "40"],
 }
 
 

@@ -840,8 +840,10 @@ static void atfork_child(void)
 {
     static const pthread_mutex_t fresh_lock = PTHREAD_MUTEX_INITIALIZER;
     int saved_errno = errno;
-    /* Running, so installed (the parent may not have recorded it yet). */
-    __atomic_store_n(&handlers_state, -1, __ATOMIC_RELAXED);
+    /* Running, so installed (the parent may not have recorded it yet).  Written
+     * only then: a store would copy this page into every child. */
+    if (__atomic_load_n(&handlers_state, __ATOMIC_RELAXED) != -1)
+        __atomic_store_n(&handlers_state, -1, __ATOMIC_RELAXED);
     long ft = tls_fork_tid;
     if (tls_pass > 0) {
         restore_all(ft);

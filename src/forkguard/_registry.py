@@ -9,7 +9,7 @@ fork()            the C core's pthread_atfork handlers: C prepare hooks, C holds
 after_in_child    Python objects reset (or released, if held); user after-hooks.
 after_in_parent   Python holds released; warnings and errors reported; user after-hooks.
 
-None of the fork hooks takes ``Registry._lock``, and none waits for the C
+None of the fork hooks takes the registry's lock, and none waits for the C
 registry: a thread that registers may hold the GIL or any lock an earlier
 before-hook needs (docs/design.md, "Lock order").  Each phase is installed with
 ``os.register_at_fork`` when the first registration that needs it arrives
@@ -229,7 +229,7 @@ class Registry:
         self._resets: dict[int, Registration] = {}  # Python objects, policy "reset"
         # "reset" objects whose whole reset is a threading Lock or RLock re-initialised
         # and Conditions' waiter lists emptied (Lock, RLock, Condition, Queue): done
-        # in C loops, with no Python frame per object.
+        # in plain loops inside the one child call, no Python call per object.
         self._plain_locks: dict[int, weakref.ref[Any]] = {}
         self._plain_rlocks: dict[int, weakref.ref[Any]] = {}
         self._waiters: dict[int, tuple[Any, ...]] = {}
