@@ -13,7 +13,7 @@ import os
 # Not imported at run time: `import forkguard` stays cheap (docs/design.md, "Import").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Final, Protocol
+    from typing import Any, Final, Protocol
 else:
     Protocol = object
 
@@ -98,22 +98,42 @@ def alignment(kind: str) -> int:
 
 
 class NativeBackend:
-    """The real registry: forkguard._native, one per process."""
+    """The real registry: forkguard._native, one per process.
 
-    def __init__(self) -> None:
+    The cffi module is loaded at the first use that needs it (a C registration, a
+    listing, the C API), not at ``import forkguard``: loading it and _cffi_backend
+    is about a quarter of the import, and a program that registers only Python
+    objects never needs it.  What registering Python objects asks of the backend is
+    known without it (the class attributes below)."""
+
+    can_fork = True
+    timeout_max = 1e9  # forkguard.h's FORKGUARD_TIMEOUT_MAX, checked when the core loads
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for attributes not set yet: the first one loads the core and sets all.
+        if name.startswith("__") or "_lib" in self.__dict__:
+            raise AttributeError(name)
+        self._load()
+        return getattr(self, name)
+
+    def _load(self) -> None:
+        """Load the C core and set what the methods use (harmless if two threads do)."""
         from forkguard._native import ffi, lib
 
-        self._ffi = ffi
-        self._lib = lib
         rc = lib.fg_init()
         if rc != lib.FORKGUARD_OK:
-            raise OSError(f"forkguard: cannot install its fork handlers: {self._strerror(rc)}")
+            reason = ffi.string(lib.fg_strerror(rc)).decode()
+            raise OSError(f"forkguard: cannot start its C core: {reason}")
+        if float(lib.FORKGUARD_TIMEOUT_MAX) != self.timeout_max:
+            raise ImportError(
+                f"forkguard's C core allows timeouts up to {lib.FORKGUARD_TIMEOUT_MAX} s "
+                f"but its Python side expects {self.timeout_max}: a mismatched build"
+            )
         features = lib.fg_features()
-        self.can_fork = True
         self.can_read_mutex_type = bool(features & lib.FG_FEATURE_MUTEX_TYPE)
         self.has_semaphores = bool(features & lib.FG_FEATURE_SEM)
         self.owner_rule = bool(features & lib.FG_FEATURE_OWNER)
-        self.timeout_max = float(lib.FORKGUARD_TIMEOUT_MAX)
+        self._ffi = ffi
         self._no_name = ffi.NULL
         self._kind_ids = {
             MUTEX: lib.FG_KIND_MUTEX,
@@ -129,6 +149,7 @@ class NativeBackend:
             "adaptive": lib.FORKGUARD_MUTEX_ADAPTIVE,
         }
         self._type_names = {v: k for k, v in self._type_codes.items()}
+        self._lib = lib  # last: its presence means everything above is set
 
     def _strerror(self, rc: int) -> str:
         return str(self._ffi.string(self._lib.fg_strerror(rc)).decode())
@@ -248,8 +269,15 @@ class NativeBackend:
     def sem_value_max(self) -> int:
         return int(self._lib.FG_SEM_VALUE_MAX)
 
+    def _loaded(self) -> bool:
+        # Until the core is loaded nothing can be registered in C (the C API is
+        # reached through capsule() or api_address(), which load it first).
+        return "_lib" in self.__dict__
+
     def handles(self) -> list[int]:
         """Every live C registration, objects then hooks, oldest first."""
+        if not self._loaded():
+            return []
         ffi, lib = self._ffi, self._lib
         cap = lib.fg_count() + 16
         while True:
@@ -277,10 +305,10 @@ class NativeBackend:
 
     def last_fork_timeouts(self) -> int:
         """Holds that timed out in this thread's most recent fork."""
-        return int(self._lib.fg_last_fork_timeouts())
+        return int(self._lib.fg_last_fork_timeouts()) if self._loaded() else 0
 
     def count(self) -> int:
-        return int(self._lib.fg_count())
+        return int(self._lib.fg_count()) if self._loaded() else 0
 
 
 _BUSY = (
