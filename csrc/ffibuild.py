@@ -148,6 +148,11 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-o
 def _flags() -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
     compile_args = ["-std=c11", "-Wall", "-Wextra", "-fvisibility=hidden"]
     link_args: list[str] = []
+    if sys.platform.startswith("linux"):
+        # Bind every symbol at load: a function first called in a forked child (the
+        # child handler's) would otherwise be resolved there, in every child, writing
+        # the GOT page (a copy-on-write fault) after a symbol lookup.
+        link_args.append("-Wl,-z,now")
     macros: list[tuple[str, str | None]] = []
     if os.environ.get("FORKGUARD_PORTABLE") == "1":
         macros.append(("FG_PORTABLE", "1"))
