@@ -117,15 +117,20 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
         "forkguard (a process with threading, logging, queue, multiprocessing imported)",
         [fast("imported"), fast("bare")],
         versus("imported", "bare", 1.02),
-        "with nothing registered forkguard installs no fork hook at all, Python or C; "
-        "what is left is noise between processes",
+        "with nothing registered forkguard installs no fork hook, Python or C, so no "
+        "forkguard code runs at these forks (tests/test_fast_path.py checks it). What "
+        "is left is what any import of this size does to a fork: a few hundred KiB more "
+        "heap, so more page-table entries to copy and a different heap layout. It moves "
+        "between runs of the same code (1.016x and -8.6 child faults in the run before "
+        "this one); this is the floor for a Python package that is imported at all.",
     )
     add(
         "`import forkguard`, nothing registered: at most 3 more page faults per fork, in the "
         "child and in the parent",
         [fast("imported"), fast("bare")],
         faults("imported", "bare"),
-        "with nothing registered forkguard installs no fork hook at all, Python or C",
+        "as above: no forkguard code runs at these forks; the faults move with the "
+        "process's heap layout (-8.6 in the child in the run before this one).",
     )
     add(
         "one registered `queue.Queue`: a fork costs at most 1.05x the hand-written fix "
@@ -152,10 +157,12 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
         [fast("forkguard-c-mutexes"), fast("imported")],
         versus("forkguard-c-mutexes", "imported", 1.01),
         "the baseline runs no C handler at all (they are installed by the first C "
-        "registration), so this row pays for the handlers themselves: their code, the "
-        "registry's locks and arrays, the thread-local state (about 16 more page faults "
-        "in the child and 4 in the parent), plus reading 1,000 restore entries and "
-        "mutexes. The per-mutex slope is the fork-cost table's c-mutex rows.",
+        "registration), so this row pays for the handlers themselves: glibc running an "
+        "atfork list, their code, the registry's locks, the thread-local state (about 3 "
+        "more page faults in the child, by perf's count; 16 before the core was linked "
+        "with -z now), plus reading 1,000 restore entries and mutexes (about 30 ns "
+        "each, the fork-cost table's slope). Closing the rest would mean finding what "
+        "else in glibc's fork path the first atfork handler costs.",
     )
 
     def import_cost() -> tuple[str, bool]:
