@@ -65,7 +65,9 @@ def _mp_listener() -> Any:
 
 
 def _gzip_file() -> Any:
-    return gzip.GzipFile(fileobj=io.BytesIO(), mode="wb")
+    # For reading: closing it writes nothing, so the order in which the collector
+    # frees it and its BytesIO does not matter.
+    return gzip.GzipFile(fileobj=io.BytesIO(gzip.compress(b"")), mode="rb")
 
 
 def _pyio_file() -> Any:
