@@ -190,6 +190,7 @@ static struct {
 #define TLS_WINDOW 1u /* between forkguard's prepare and its parent/child handler */
 #define TLS_GATE 2u   /* holds win.lock */
 #define TLS_REG 4u    /* holds reg.lock */
+#define TLS_INSTALL 8u /* installing the pthread_atfork handlers (ensure_handlers) */
 static _Thread_local volatile unsigned int tls_state;
 static _Thread_local unsigned int tls_pass;
 static _Thread_local uint32_t tls_pass_reg;
@@ -972,6 +973,8 @@ static int ensure_handlers(void)
         int s = __atomic_load_n(&handlers_state, __ATOMIC_ACQUIRE);
         if (s == -1)
             return FORKGUARD_OK;
+        if (tls_state & TLS_INSTALL) /* a signal handler interrupted this thread's install */
+            return FORKGUARD_EBUSY;
         if (me == 0)
             me = (int)getpid();
         if (s == me) { /* another thread of this process is installing them */
@@ -981,12 +984,11 @@ static int ensure_handlers(void)
         if (!__atomic_compare_exchange_n(&handlers_state, &s, me, 0, __ATOMIC_ACQ_REL,
                                          __ATOMIC_ACQUIRE))
             continue;
-        if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0) {
-            __atomic_store_n(&handlers_state, 0, __ATOMIC_RELEASE);
-            return FORKGUARD_EATFORK;
-        }
-        __atomic_store_n(&handlers_state, -1, __ATOMIC_RELEASE);
-        return FORKGUARD_OK;
+        tls_set(TLS_INSTALL);
+        int rc = pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+        __atomic_store_n(&handlers_state, rc == 0 ? -1 : 0, __ATOMIC_RELEASE);
+        tls_clear(TLS_INSTALL);
+        return rc == 0 ? FORKGUARD_OK : FORKGUARD_EATFORK;
     }
 }
 
