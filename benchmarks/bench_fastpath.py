@@ -56,6 +56,13 @@ VARIANTS = {
         f"locks = [threading.Lock() for _ in range({LOCKS})]\n"
         "regs = [forkguard.register(lock) for lock in locks]"
     ),
+    # The baseline for registering C mutexes: the extension that owns them is loaded
+    # and has made them (cffi and its .so mapped), forkguard imported, none registered.
+    "c-mutexes": (
+        "import forkguard\n"
+        "from common import native\n"
+        f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})"
+    ),
     "forkguard-c-mutexes": (
         "import forkguard\n"
         "from common import native\n"

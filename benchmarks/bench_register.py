@@ -56,12 +56,28 @@ def c_api_pairs(loops: int) -> float:
     return seconds
 
 
+def c_calls_pairs(loops: int) -> float:
+    """The floor of a Python API pair: only its two calls into the C core, through
+    cffi (which releases and retakes the GIL around each), no Python bookkeeping."""
+    from forkguard import _native
+
+    lib = _native.lib
+    kind, detect, null = lib.FG_KIND_MUTEX, lib.FORKGUARD_MUTEX_DETECT, _native.ffi.NULL
+    register, unregister = lib.fgpy_register, lib.fg_unregister
+    address = int(native().ffi.cast("uintptr_t", _mutex()))
+    start = time.perf_counter()
+    for _ in range(loops):
+        unregister(register(kind, address, detect, 0, 0, 1.0, null))
+    return time.perf_counter() - start
+
+
 def main() -> None:
     runner = pyperf.Runner()
     runner.metadata["description"] = "one forkguard register + unregister pair; seconds"
     for make in ("c-mutex", "c-mutex-address", "py-lock"):
         runner.bench_time_func(f"register/python-api/{make}", python_pairs(make))
     runner.bench_time_func("register/c-api/c-mutex", c_api_pairs)
+    runner.bench_time_func("register/c-calls-only/c-mutex", c_calls_pairs)
 
 
 if __name__ == "__main__":

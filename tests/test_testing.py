@@ -123,7 +123,7 @@ def test_fork_stress_refuses_bad_arguments(
 
 def test_fixture_defaults_to_the_option(request: pytest.FixtureRequest, fork_stress: Any) -> None:
     option = request.config.getoption("fork_storm_forks")
-    report: StressReport = fork_stress(lambda i: lambda: None, lambda: True, threads=1)
+    report: StressReport = fork_stress(lambda i: lambda: None, lambda: True, threads=0)
     assert report.requested == (500 if option is None else option)
     assert fork_stress(lambda i: lambda: None, lambda: True, forks=3).requested == 3
 

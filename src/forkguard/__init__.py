@@ -95,15 +95,7 @@ def register(
     ones it raises ``ValueError``.  Bad arguments raise ``TypeError`` or
     ``ValueError`` and leave the registry unchanged.
     """
-    return _REGISTRY.register(
-        obj,
-        policy=policy,
-        name=name,
-        timeout=timeout,
-        kind=kind,
-        value=value,
-        mutex_type=mutex_type,
-    )
+    return _REGISTRY.register(obj, policy, name, timeout, kind, value, mutex_type)
 
 
 def protect() -> Protection:

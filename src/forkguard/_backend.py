@@ -149,6 +149,9 @@ class NativeBackend:
             "adaptive": lib.FORKGUARD_MUTEX_ADAPTIVE,
         }
         self._type_names = {v: k for k, v in self._type_codes.items()}
+        # The codes the registration path compares with, read from lib once.
+        self._ok, self._busy = lib.FORKGUARD_OK, lib.FORKGUARD_EBUSY
+        self._detect = lib.FORKGUARD_MUTEX_DETECT
         self._lib = lib  # last: its presence means everything above is set
 
     def _strerror(self, rc: int) -> str:
@@ -164,12 +167,9 @@ class NativeBackend:
         mutex_type: str | None,
         value: int,
     ) -> int:
-        lib = self._lib
-        code = lib.FORKGUARD_MUTEX_DETECT
-        if mutex_type is not None:
-            code = self._type_codes[mutex_type]
-        cname = self._no_name if name is None else name.encode()[: lib.FG_NAME_MAX - 1]
-        handle = lib.fgpy_register(
+        code = self._detect if mutex_type is None else self._type_codes[mutex_type]
+        cname = self._no_name if name is None else name.encode()[: self._lib.FG_NAME_MAX - 1]
+        handle = self._lib.fgpy_register(
             self._kind_ids[kind], address, code, value, policy, timeout, cname
         )
         if handle < 0:
@@ -226,9 +226,9 @@ class NativeBackend:
 
     def unregister(self, handle: int) -> bool:
         rc = self._lib.fg_unregister(handle)
-        if rc == self._lib.FORKGUARD_EBUSY:
+        if rc == self._busy:
             raise RuntimeError(_BUSY)
-        return bool(rc == self._lib.FORKGUARD_OK)
+        return rc == self._ok
 
     def is_active(self, handle: int) -> bool:
         return bool(self._lib.fg_is_active(handle))

@@ -259,10 +259,9 @@ class Registry:
                     self._child_locks.pop(other, None)
         return lock
 
-    def register(
+    def register(  # positional too: forkguard.register() passes them on that way
         self,
         obj: object,
-        *,
         policy: object = "reset",
         name: object = None,
         timeout: object = None,
@@ -271,19 +270,61 @@ class Registry:
         mutex_type: object = None,
     ) -> Registration:
         hold = _targets.check_policy(policy)
-        seconds = _targets.check_timeout(timeout, self.backend.timeout_max)
-        reg_name = _targets.check_name(name)
-        target = _targets.classify(obj, kind, value, mutex_type, self.backend)
-        if isinstance(target, _targets.PyTarget):
-            label = target.kind.label
-            if hold and not target.kind.holdable(target.obj):
-                raise ValueError(
-                    f"policy='hold' needs an object that can be acquired, and {label} "
-                    f"cannot be ({target.kind.not_holdable}); use policy='reset'"
-                )
+        if timeout is None:
+            seconds = _targets.DEFAULT_TIMEOUT
         else:
-            label = _backend.C_TYPE_NAMES[target.kind]
+            seconds = _targets.check_timeout(timeout, self.backend.timeout_max)
+        reg_name = None if name is None else _targets.check_name(name)
+        target = _targets.classify(obj, kind, value, mutex_type, self.backend)
+        if isinstance(target, _targets.CTarget):
+            return self._register_c(target, hold, seconds, reg_name)
+        return self._register_python(target, hold, seconds, reg_name)
 
+    def _register_c(
+        self, target: _targets.CTarget, hold: bool, seconds: float, reg_name: str | None
+    ) -> Registration:
+        # Kept short: extensions register and unregister C objects at high rates
+        # (benchmarks/bench_register.py).
+        with self._locked():
+            existing = self._by_key.get(target.key)
+            if existing is not None and existing._active:
+                return self._same_registration(existing, target, hold, seconds)
+            handle = self.backend.register(
+                target.kind,
+                target.address,
+                _backend.POLICY_HOLD if hold else _backend.POLICY_RESET,
+                seconds,
+                reg_name,
+                target.mutex_type,
+                target.value or 0,
+            )
+            token = next(self._tokens)
+            reg = Registration(self, token, reg_name, _backend.C_TYPE_NAMES[target.kind])
+            reg._policy = "hold" if hold else "reset"
+            reg._timeout = seconds
+            reg._key = target.key
+            reg._value = target.value
+            reg._handle = handle
+            reg._address = target.address
+            reg._keepalive = target.keepalive
+            reg._mutex_type = None if target.kind == _backend.MUTEX else ""
+            if hold:
+                self._phases.need(_fork_phases.PARENT)
+                reg._buckets = (self._c_holds,)
+                self._c_holds[token] = reg
+            self._objects[token] = reg
+            self._by_key[target.key] = reg
+        return reg
+
+    def _register_python(
+        self, target: _targets.PyTarget, hold: bool, seconds: float, reg_name: str | None
+    ) -> Registration:
+        label = target.kind.label
+        if hold and not target.kind.holdable(target.obj):
+            raise ValueError(
+                f"policy='hold' needs an object that can be acquired, and {label} "
+                f"cannot be ({target.kind.not_holdable}); use policy='reset'"
+            )
         with self._locked():
             existing = self._by_key.get(target.key)
             if existing is not None and existing._active:
@@ -293,29 +334,12 @@ class Registry:
             reg._timeout = seconds
             reg._key = target.key
             reg._value = target.value
-            if isinstance(target, _targets.CTarget):
-                reg._handle = self.backend.register(
-                    target.kind,
-                    target.address,
-                    _backend.POLICY_HOLD if hold else _backend.POLICY_RESET,
-                    seconds,
-                    reg_name,
-                    target.mutex_type,
-                    target.value or 0,
-                )
-                reg._address = target.address
-                reg._keepalive = target.keepalive
-                reg._mutex_type = None if target.kind == _backend.MUTEX else ""
-                entries: list[tuple[dict[int, Any], Any]] = [(self._c_holds, reg)] if hold else []
-                phases = _fork_phases.PARENT if hold else 0
-            else:
-                reg._pykind = target.kind
-                reg._address = id(target.obj)
-                reg._ref = _targets.reference(target.obj, target.kind, reg._collected)
-                target.kind.on_register(target.obj)
-                entries = self._py_entries(reg, target.obj, hold)
-                phases = _fork_phases.ALL if hold else _fork_phases.CHILD
-            self._phases.need(phases)
+            reg._pykind = target.kind
+            reg._address = id(target.obj)
+            reg._ref = _targets.reference(target.obj, target.kind, reg._collected)
+            target.kind.on_register(target.obj)
+            entries = self._py_entries(reg, target.obj, hold)
+            self._phases.need(_fork_phases.ALL if hold else _fork_phases.CHILD)
             # On the fork hooks' lists before it is listed: a child forked in between
             # (another thread may fork at any bytecode) lists nothing it does not reset.
             reg._buckets = tuple(bucket for bucket, _ in entries)
@@ -402,15 +426,21 @@ class Registry:
         return reg
 
     def unregister(self, reg: Registration) -> bool:
+        if reg._handle is not None:
+            # No registry lock: the C core decides which of two racing unregisters
+            # ended it, and _end() is safe without the lock.  A register() that still
+            # sees `reg` active returns it, as if it had come just before this call.
+            if not reg._active:
+                return False
+            # May raise (called from a fork handler); the registration stays.
+            ended_here = self.backend.unregister(reg._handle)
+            self._end(reg, "unregistered")
+            return ended_here
         with self._locked():
             if not reg._active:
                 return False
-            ended_here = True
-            if reg._handle is not None:
-                # May raise (called from a fork handler); the registration stays.
-                ended_here = self.backend.unregister(reg._handle)
             self._end(reg, "unregistered")
-        return ended_here
+        return True
 
     def _end(self, reg: Registration, why: str) -> None:
         # Lock-free (single dict operations): weakref callbacks call this from
@@ -533,7 +563,7 @@ class Registry:
                         _LOCK_REINIT(lock)
                     except BaseException as exc:
                         errors.append(exc)
-        if self._plain_rlocks:
+        if self._plain_rlocks:  # apart from the Locks: the forking thread keeps its own
             for ref in self._plain_rlocks.values():
                 lock = ref()
                 if lock is not None and not _RLOCK_IS_OWNED(lock):

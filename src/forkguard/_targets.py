@@ -93,9 +93,9 @@ class PyKind:
     def plain_parts(self, obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
         """(lock, waiter lists) when resetting `obj` is exactly: re-initialise that
         ``threading.Lock``, or CPython's C ``RLock`` unless the forking thread owns
-        it, and empty those Conditions' waiter lists.  The child then does it in C
-        loops, with no Python frame per object; None (the default) means
-        ``reset()`` is called."""
+        it, and empty those Conditions' waiter lists.  The child then does it in
+        plain loops inside one Python call, with no call per object; None (the
+        default) means ``reset()`` is called."""
         return None
 
     def hold_lock(self, obj: Any) -> object:
@@ -213,8 +213,12 @@ class QueueKind(PyKind):
                 f"and forkguard can only reset a threading.Lock or RLock"
             )
 
+    @staticmethod
+    def _conditions(obj: Any) -> tuple[Any, ...]:
+        return (obj.not_empty, obj.not_full, obj.all_tasks_done)
+
     def _clear(self, obj: Any) -> None:
-        for cond in (obj.not_empty, obj.not_full, obj.all_tasks_done):
+        for cond in self._conditions(obj):
             _clear_waiters(cond)
 
     def reset(self, obj: Any, value: int | None) -> None:
@@ -224,8 +228,7 @@ class QueueKind(PyKind):
     def plain_parts(self, obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
         if type(obj.mutex) not in PLAIN_LOCK_TYPES:
             return None
-        conditions = (obj.not_empty, obj.not_full, obj.all_tasks_done)
-        return obj.mutex, tuple(c._waiters for c in conditions)
+        return obj.mutex, tuple(c._waiters for c in self._conditions(obj))
 
     def hold_lock(self, obj: Any) -> object:
         return obj.mutex
@@ -504,6 +507,8 @@ def _classify_address(
             "an integer address needs kind='pthread_mutex', 'pthread_rwlock' or 'sem' "
             "to say what it points to"
         )
+    if kind == _backend.MUTEX and 0 < address < _ADDRESS_END and value is None:  # most
+        return CTarget(kind, address, keepalive, mutex_type, None)  # type: ignore[arg-type]
     ctype = _backend.C_TYPE_NAMES[kind]
     if not 0 < address < _ADDRESS_END:
         if address == 0:
