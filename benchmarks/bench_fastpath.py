@@ -1,6 +1,6 @@
 """What importing and using forkguard adds to a fork, against honest baselines, side by side.
 
-Each variant is a long-lived process of its own: a "realistic" process that has
+Each variant is a few long-lived processes of its own: "realistic" processes that have
 imported threading, logging, queue and multiprocessing, then set up one variant
 (forkguard not imported; imported with nothing registered; a hand-written fix; the
 same thing through forkguard).  The driver asks the variants in turn, in a new random
@@ -13,7 +13,7 @@ minor page faults are counted in the child (``wait4``'s rusage) and in the paren
 Also measured: ``import forkguard`` on top of ``import threading, queue, logging``,
 in fresh interpreters, alternating with and without.
 
-Writes pyperf JSON (one benchmark per variant; one run per round; faults in each
+Writes pyperf JSON (one benchmark per variant; one run per process and round; faults in each
 run's metadata): ``python bench_fastpath.py -o fastpath.json [--rounds N]``.
 """
 
@@ -40,6 +40,10 @@ MUTEXES = 1000  # C mutexes in the "C mutexes" variant
 VARIANTS = {
     "bare": "",
     "imported": "import forkguard",
+    # Controls: other imports, for the size of the effect any import has on a fork
+    # (where the heap and the allocator's free lists lie when the child writes).
+    "control-decimal": "import decimal",
+    "control-dataclasses": "import dataclasses",
     "hand-queue": (
         "q = queue.Queue()\nos.register_at_fork(after_in_child=q.mutex._at_fork_reinit)"
     ),
@@ -73,8 +77,13 @@ VARIANTS = {
 }
 
 WORKER = r"""
-import logging, multiprocessing, os, queue, resource, sys, threading, time, json
+import logging, multiprocessing, os, queue, resource, sys, threading, time, json, random
 sys.path.insert(0, sys.argv[2])
+# A random heap layout per process (objects of every small size, a random malloc):
+# which objects share a page decides how many pages a child's writes copy, and it
+# is fixed for given code, so without this one layout would stand for a variant.
+padding = [bytes(random.randrange(1, 512)) for _ in range(random.randrange(1, 4000))]
+padding.append(bytearray(random.randrange(1, 1 << 17)))
 exec(sys.argv[1])
 fork, exit_, wait4, clock = os.fork, os._exit, os.wait4, time.perf_counter
 minflt = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -105,24 +114,28 @@ print(time.perf_counter() - start)
 """
 
 
-def measure_forks(rounds: int, batch: int) -> dict[str, list[pyperf.Run]]:
+def measure_forks(rounds: int, batch: int, processes: int) -> dict[str, list[pyperf.Run]]:
     here = os.path.dirname(os.path.abspath(__file__))
+    # Several processes per variant, each with its own heap layout (WORKER): the
+    # layout moves a fork's time and page faults by about as much as the effects
+    # measured here, and averaging over processes evens it out.
     workers = {
-        name: subprocess.Popen(
+        (name, number): subprocess.Popen(
             [sys.executable, "-c", WORKER, setup, here],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         for name, setup in VARIANTS.items()
+        for number in range(processes)
     }
     runs: dict[str, list[pyperf.Run]] = {name: [] for name in VARIANTS}
     try:
         for round_ in range(rounds + 1):  # round 0 warms every process up
-            order = list(VARIANTS)
+            order = list(workers)
             random.shuffle(order)
-            for name in order:
-                worker = workers[name]
+            for name, number in order:
+                worker = workers[name, number]
                 assert worker.stdin is not None and worker.stdout is not None
                 worker.stdin.write(f"{batch}\n")
                 worker.stdin.flush()
@@ -132,6 +145,7 @@ def measure_forks(rounds: int, batch: int) -> dict[str, list[pyperf.Run]]:
                 times, child, parent = json.loads(reply)
                 if round_:
                     metadata = {"name": f"fastpath/{name}", "unit": "second"}
+                    metadata["process"] = number
                     metadata["child_minflt"] = child
                     metadata["parent_minflt"] = parent
                     runs[name].append(pyperf.Run(times, metadata=metadata, collect_metadata=False))
@@ -161,12 +175,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=25, help="forks per variant per round")
+    parser.add_argument("--batch", type=int, default=10, help="forks per process per round")
+    parser.add_argument("--processes", type=int, default=5, help="processes per variant")
     parser.add_argument("--import-samples", type=int, default=30)
     args = parser.parse_args()
     if NATIVE_ENV not in os.environ:
         sys.exit(f"{NATIVE_ENV} is not set: run this through benchmarks/run.py")
-    benches = [pyperf.Benchmark(runs) for runs in measure_forks(args.rounds, args.batch).values()]
+    forks = measure_forks(args.rounds, args.batch, args.processes)
+    benches = [pyperf.Benchmark(runs) for runs in forks.values()]
     imports = measure_import(args.import_samples)
     for arm, label in (("0", "without"), ("1", "with")):
         metadata = {"name": f"import/{label}-forkguard", "unit": "second"}

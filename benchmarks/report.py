@@ -23,6 +23,8 @@ FAST_LOCKS, FAST_MUTEXES = 100, 1000  # as bench_fastpath.py's LOCKS and MUTEXES
 FAST_VARIANTS = {  # bench_fastpath.py's variants, in table order, with what they are
     "bare": "forkguard not imported",
     "imported": "`import forkguard`, nothing registered",
+    "control-decimal": "control: `import decimal` instead",
+    "control-dataclasses": "control: `import dataclasses` instead",
     "hand-queue": "hand-written fix for one Queue: `register_at_fork(after_in_child="
     "q.mutex._at_fork_reinit)`",
     "forkguard-queue": "`forkguard.register(q)`",
@@ -113,25 +115,48 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
 
         return compute
 
+    def controls(key: str | None) -> str:
+        """What the control imports did to a fork in this run: time, or faults by `key`."""
+        parts = []
+        for name, what in (("control-decimal", "decimal"), ("control-dataclasses", "dataclasses")):
+            if fast(name) not in r:
+                continue
+            if key is None:
+                ratio = r.median(fast(name)) / r.median(fast("bare"))
+                parts.append(f"`import {what}` {ratio:.3f}x")
+            else:
+                extra = r.run_mean(fast(name), key) - r.run_mean(fast("bare"), key)
+                parts.append(f"`import {what}` {extra:+.1f}")
+        return "; ".join(parts) or "no control imports in this run"
+
+    no_code = (
+        "with nothing registered forkguard installs no fork hook, Python or C, so no "
+        "forkguard code runs at these forks (tests/test_fast_path.py checks it). What is "
+        "left is what any import does to a fork: a bigger heap, and the child's own "
+        "writes (CPython's after-fork work, the allocator's free lists) landing on other "
+        "pages. The controls measure that floor in this same run, against the same "
+        "baseline: "
+    )
     add(
         "`import forkguard`, nothing registered: a fork costs at most 2% more than without "
         "forkguard (a process with threading, logging, queue, multiprocessing imported)",
         [fast("imported"), fast("bare")],
         versus("imported", "bare", 1.02),
-        "with nothing registered forkguard installs no fork hook, Python or C, so no "
-        "forkguard code runs at these forks (tests/test_fast_path.py checks it). What "
-        "is left is what any import of this size does to a fork: a few hundred KiB more "
-        "heap, so more page-table entries to copy and a different heap layout. It moves "
-        "between runs of the same code (1.016x and -8.6 child faults in the run before "
-        "this one); this is the floor for a Python package that is imported at all.",
+        lambda: no_code + controls(None) + ".",
     )
     add(
         "`import forkguard`, nothing registered: at most 3 more page faults per fork, in the "
         "child and in the parent",
         [fast("imported"), fast("bare")],
         faults("imported", "bare"),
-        "as above: no forkguard code runs at these forks; the faults move with the "
-        "process's heap layout (-8.6 in the child in the run before this one).",
+        lambda: (
+            no_code
+            + "child faults "
+            + controls("child_minflt")
+            + "; parent faults "
+            + controls("parent_minflt")
+            + "."
+        ),
     )
     add(
         "one registered `queue.Queue`: a fork costs at most 1.05x the hand-written fix "

@@ -38,8 +38,8 @@ MODES = {
 }
 # bench_fastpath.py's own settings: interleaved rounds of forks, import samples.
 FASTPATH_MODES = {
-    "quick": ["--rounds", "4", "--batch", "10", "--import-samples", "4"],
-    "full": ["--rounds", "100", "--batch", "30", "--import-samples", "40"],
+    "quick": ["--rounds", "4", "--batch", "5", "--processes", "2", "--import-samples", "4"],
+    "full": ["--rounds", "60", "--batch", "10", "--processes", "8", "--import-samples", "40"],
 }
 
 
