@@ -67,6 +67,12 @@ VARIANTS = {
         "from common import native\n"
         f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})"
     ),
+    "forkguard-c-mutex": (  # one: the C core's fixed part (its handlers, its mapping)
+        "import forkguard\n"
+        "from common import native\n"
+        f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})\n"
+        "reg = forkguard.register(lib.bench_mutex_at(array, 0), mutex_type='normal')"
+    ),
     "forkguard-c-mutexes": (
         "import forkguard\n"
         "from common import native\n"

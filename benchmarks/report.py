@@ -31,7 +31,8 @@ FAST_VARIANTS = {  # bench_fastpath.py's variants, in table order, with what the
     "hand-locks": f"hand-written `_at_fork_reinit` loop over {FAST_LOCKS} locks",
     "forkguard-locks": f"{FAST_LOCKS} locks registered",
     "c-mutexes": f"{FAST_MUTEXES:,} C mutexes made by an extension (cffi), none registered",
-    "forkguard-c-mutexes": f"{FAST_MUTEXES:,} C mutexes registered",
+    "forkguard-c-mutex": f"one of those {FAST_MUTEXES:,} C mutexes registered",
+    "forkguard-c-mutexes": f"all {FAST_MUTEXES:,} C mutexes registered",
 }
 METHODS = ("fork", "fork+forkguard", "forkserver", "spawn")
 SIZES = ("bare", "200MB", "1GB")
@@ -177,17 +178,30 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
         "per lock, forkguard also touches the weak reference it holds the lock by "
         "(registering must not keep a lock alive), whose page the child then copies.",
     )
+
+    def c_mutexes_why() -> str:
+        base, one, all_ = (
+            r.median(fast(v)) for v in ("c-mutexes", "forkguard-c-mutex", "forkguard-c-mutexes")
+        )
+        return (
+            f"in this run one registered mutex already costs {one / base:.3f}x: the C core's "
+            "fixed part, paid once by a process that registers any C object (its .so mapped, "
+            "which a fork copies; its atfork handlers run; the registry's two locks, taken "
+            "across the fork, written again on both sides, each write a copy-on-write page "
+            f"fault of about 5 µs here). The other {FAST_MUTEXES - 1:,} add "
+            f"{(all_ - one) / (FAST_MUTEXES - 1) * 1e9:.0f} ns each: their restore entries "
+            "and the mutexes are read (a free mutex is only read, so its page is not "
+            "copied), and the Python bookkeeping of each registration makes the heap whose "
+            "page tables a fork copies bigger."
+        )
+
     add(
         f"{FAST_MUTEXES:,} registered C mutexes: a fork costs at most 1% more than the same "
         "process with none registered (forkguard imported, the extension that made them "
         "loaded)",
         [fast("forkguard-c-mutexes"), fast("c-mutexes")],
         versus("forkguard-c-mutexes", "c-mutexes", 1.01),
-        "what registering adds is the C core loaded (its .so mapped: a fork copies each "
-        "mapping), its atfork handlers run (glibc's atfork list, their code, the "
-        "registry's locks, the thread-local state) and 1,000 restore entries and mutexes "
-        "read; a free mutex is only read, so its page is not copied. The fork-cost table "
-        "below gives the per-mutex slope apart from the fixed part.",
+        c_mutexes_why,
     )
 
     def import_cost() -> tuple[str, bool]:
@@ -379,14 +393,18 @@ def _fastpath_table(r: Results) -> list[str]:
     if not all(f"fastpath/{v}" in r for v in FAST_VARIANTS):
         return []
     base = r.median("fastpath/bare")
+    runs = r.benches["fastpath/bare"].get_runs()
+    processes = len({run.get_metadata().get("process", 0) for run in runs})
     lines = [
         "## Fast path: what forkguard adds to a fork",
         "",
         "A process that has imported threading, logging, queue and multiprocessing; each "
-        "variant is its own long-lived process, and the variants fork in turn, in a new "
-        "random order each round (`benchmarks/bench_fastpath.py`), so all see the same "
-        "machine noise. `os.fork()` + `os._exit(0)` + `os.wait4()`; minor page faults per "
-        "fork counted in the child (its rusage) and in the parent.",
+        f"variant runs in {processes} long-lived processes, each with a random heap layout "
+        "(which objects share a page moves a fork's faults by as much as the effects "
+        "measured here), and all of them fork in turn, in a new random order each round "
+        "(`benchmarks/bench_fastpath.py`), so all see the same machine noise. `os.fork()` "
+        "+ `os._exit(0)` + `os.wait4()`; minor page faults per fork counted in the child "
+        "(its rusage) and in the parent, averaged over the processes.",
         "",
         "| variant | µs per fork (median) | p10 | vs not imported | page faults: child | parent |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
