@@ -121,6 +121,11 @@ def main() -> None:
     bench = runner.bench_time_func
     bench("fork/bare/0", _once(lambda: None))
     bench("fork/none/0", _once(forkguard_nothing))
+    # The C columns' own baselines: the extension that owns the mutexes loaded (cffi and
+    # its .so mapped, which a fork copies) and its mutexes made, none registered; the
+    # ctypes hook installed over no mutex.
+    bench("fork/c-mutex/0", _once(forkguard_c_mutexes(0)))
+    bench("fork/hand-ctypes-mutex/0", _once(hand_ctypes_mutexes(0)))
     for n in COUNTS:
         bench(f"fork/c-mutex/{n}", _once(forkguard_c_mutexes(n)))
         bench(f"fork/py-lock/{n}", _once(forkguard_py_locks(n)))

@@ -19,6 +19,8 @@ import pyperf
 from common import RECORDS_FILE
 
 COUNTS = (10, 100, 1000, 10000)
+C_BASE = "fork/c-mutex/0"  # bench_fork.py's baselines for the C columns
+CTYPES_BASE = "fork/hand-ctypes-mutex/0"
 FAST_LOCKS, FAST_MUTEXES = 100, 1000  # as bench_fastpath.py's LOCKS and MUTEXES
 FAST_VARIANTS = {  # bench_fastpath.py's variants, in table order, with what they are
     "bare": "forkguard not imported",
@@ -236,12 +238,12 @@ def _targets(r: Results) -> list[Target]:
     _fastpath_targets(r, add)
 
     def c_1000() -> tuple[str, bool]:
-        ratio = r.mean("fork/c-mutex/1000") / r.mean("fork/none/0")
+        ratio = r.mean("fork/c-mutex/1000") / r.mean(C_BASE)
         return f"{ratio:.3f}x ({(ratio - 1) * 100:+.1f}%)", ratio <= 1.03
 
     add(
         "with 1,000 registered C mutexes a fork costs at most 3% more than with none",
-        ["fork/c-mutex/1000", "fork/none/0"],
+        ["fork/c-mutex/1000", C_BASE],
         c_1000,
         "the per-fork noise of a shared machine (see the ± columns) is of the same order "
         "as the whole effect; the per-mutex slope in the table below is the steadier "
@@ -254,7 +256,7 @@ def _targets(r: Results) -> list[Target]:
 
     def c_vs_ctypes() -> tuple[str, bool]:
         ours, hand = per_object(
-            "fork/c-mutex/10000", "fork/none/0", "fork/hand-ctypes-mutex/10000", "fork/bare/0"
+            "fork/c-mutex/10000", C_BASE, "fork/hand-ctypes-mutex/10000", CTYPES_BASE
         )
         ratio = ours / hand
         return (
@@ -266,7 +268,7 @@ def _targets(r: Results) -> list[Target]:
 
     add(
         "resetting a C mutex costs at most 1/20 of the per-lock cost of the ctypes alternative",
-        ["fork/c-mutex/10000", "fork/none/0", "fork/hand-ctypes-mutex/10000", "fork/bare/0"],
+        ["fork/c-mutex/10000", C_BASE, "fork/hand-ctypes-mutex/10000", CTYPES_BASE],
         c_vs_ctypes,
         "noise in the two baselines; per mutex forkguard only compares 40 bytes in C.",
     )
@@ -440,14 +442,17 @@ def _fork_tables(r: Results) -> list[str]:
         "`forkguard.register()` (reset policy). *by hand*: what one writes without "
         "forkguard: an `os.register_at_fork(after_in_child=...)` hook that calls "
         "`lock._at_fork_reinit()` on each lock, or `pthread_mutex_init` through ctypes on "
-        "each mutex. forkguard's rows compare with *nothing registered* (forkguard "
-        "imported); the by-hand rows with *bare* (forkguard not imported).",
+        "each mutex. Each column's first row is its own baseline: for Python locks, "
+        "forkguard imported with nothing registered, and a process without forkguard; for "
+        "C mutexes, the same with the extension that owns the mutexes loaded and its "
+        "mutexes made (cffi and its libraries mapped, which every fork copies), and for "
+        "ctypes the hook installed over no mutex.",
         "",
         "| registered | forkguard: C mutexes | forkguard: Python locks | by hand: Python locks "
         "| by hand: ctypes mutexes |",
         "| ---: | ---: | ---: | ---: | ---: |",
-        f"| nothing / bare | {r.cell('fork/none/0')} | {r.cell('fork/none/0')} "
-        f"| {r.cell('fork/bare/0')} | {r.cell('fork/bare/0')} |",
+        f"| none | {r.cell(C_BASE)} | {r.cell('fork/none/0')} "
+        f"| {r.cell('fork/bare/0')} | {r.cell(CTYPES_BASE)} |",
     ]
     for n in COUNTS:
         lines.append(
@@ -456,10 +461,10 @@ def _fork_tables(r: Results) -> list[str]:
         )
     slopes = []
     for label, name, base in (
-        ("forkguard, C mutex", "fork/c-mutex/10000", "fork/none/0"),
+        ("forkguard, C mutex", "fork/c-mutex/10000", C_BASE),
         ("forkguard, Python lock", "fork/py-lock/10000", "fork/none/0"),
         ("by hand, Python lock", "fork/hand-py-lock/10000", "fork/bare/0"),
-        ("by hand, ctypes mutex", "fork/hand-ctypes-mutex/10000", "fork/bare/0"),
+        ("by hand, ctypes mutex", "fork/hand-ctypes-mutex/10000", CTYPES_BASE),
     ):
         if name in r and base in r:
             ns = (r.mean(name) - r.mean(base)) / COUNTS[-1] * 1e9
@@ -474,19 +479,19 @@ def _fork_tables(r: Results) -> list[str]:
             *slopes,
         ]
     holds = []
-    for label, name in (
-        ("Python Lock", "fork/hold-free/py-lock"),
-        ("C mutex", "fork/hold-free/c-mutex"),
+    for label, name, base in (
+        ("Python Lock", "fork/hold-free/py-lock", "fork/none/0"),
+        ("C mutex", "fork/hold-free/c-mutex", C_BASE),
     ):
-        if name in r and "fork/none/0" in r:
-            extra = (r.mean(name) - r.mean("fork/none/0")) * 1e6
+        if name in r and base in r:
+            extra = (r.mean(name) - r.mean(base)) * 1e6
             holds.append(f"| {label} | {r.cell(name)} | {extra:+,.1f} |")
     if holds:
         lines += [
             "",
             'One `policy="hold"` registration whose lock is free at every fork:',
             "",
-            "| held object | µs per fork | µs above nothing registered |",
+            "| held object | µs per fork | µs above its column's baseline |",
             "| --- | ---: | ---: |",
             *holds,
         ]
@@ -672,6 +677,7 @@ def _plots(r: Results, folder: Path) -> list[Path]:
     for label, name, color in (
         ("nothing registered", "fork/none/0", "gray"),
         ("bare", "fork/bare/0", "black"),
+        ("the mutexes' extension loaded, none registered", C_BASE, "tab:blue"),
     ):
         if name in r:
             ax.axhline(r.mean(name) * 1e6, color=color, linestyle=":", label=label)

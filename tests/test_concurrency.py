@@ -239,3 +239,52 @@ def test_failing_reset_leaves_no_object_half_restored(monkeypatch: Any) -> None:
     assert reported == []  # only the child's reset failed
     before.release()
     after.release()
+
+
+def test_threads_racing_on_one_c_mutex_agree_on_who_ended_each_registration(
+    ext: ModuleType,
+) -> None:
+    """unregister() of a C object takes no registry lock (the C core decides which of two
+    racing calls ended a registration).  Threads register one mutex and unregister what
+    they got, over and over, so they keep sharing registrations and ending them under
+    each other: every registration is ended by exactly one call, none fails, and nothing
+    is left registered afterwards, in Python or in C."""
+    lib = ext.lib
+    m = lib.mutex_new(lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    count = forkguard._REGISTRY.backend.count()
+    outcomes: list[list[tuple[forkguard.Registration, bool]]] = [[] for _ in range(6)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(outcomes))
+
+    def work(mine: list[tuple[forkguard.Registration, bool]]) -> None:
+        try:
+            start.wait(OK)
+            for _ in range(1500):
+                reg = forkguard.register(m, mutex_type="normal")
+                mine.append((reg, reg.unregister()))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(mine,)) for mine in outcomes]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, between any two steps
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads)
+    assert not errors, errors
+    ended_by: dict[forkguard.Registration, int] = {}
+    for mine in outcomes:
+        for reg, ended_here in mine:
+            ended_by[reg] = ended_by.get(reg, 0) + ended_here
+    assert set(ended_by.values()) == {1}, "a registration ended by none or by two calls"
+    assert len(ended_by) < sum(map(len, outcomes))  # the threads did share registrations
+    assert not any(reg.active for reg in ended_by)
+    assert forkguard._REGISTRY.backend.count() == count
+    assert all(r.target is not m for r in forkguard.registrations())
+    with forkguard.register(m, mutex_type="normal") as again:  # and it can be registered anew
+        assert again.active

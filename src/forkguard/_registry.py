@@ -365,9 +365,11 @@ class Registry:
             return [(self._resets, reg)]
         lock, waiters = plain
         # A weak reference to the lock: the registration's own reference to `obj`
-        # ends it when `obj` goes.
+        # ends it when `obj` goes.  A lock registered itself is reached through that
+        # same reference: one object fewer for the child to touch (and copy the page of).
+        ref = reg._ref if lock is obj and type(reg._ref) is weakref.ref else weakref.ref(lock)
         locks = self._plain_locks if type(lock) is _targets.LOCK_TYPE else self._plain_rlocks
-        entries: list[tuple[dict[int, Any], Any]] = [(locks, weakref.ref(lock))]
+        entries: list[tuple[dict[int, Any], Any]] = [(locks, ref)]
         if waiters:
             entries.append((self._waiters, waiters))
         return entries
