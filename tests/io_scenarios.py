@@ -2,6 +2,8 @@
 
 ``print``: a thread prints to a block-buffered stdout (a pipe) without pause while
 the main thread forks; each child prints one line, flushes and leaves.
+``buffered``: no thread; the parent prints a line (left in stdout's buffer) before
+each fork, and each child prints one line, flushes and leaves.
 ``shutdown``: the seed's logging set-up (QueueHandler -> Queue -> QueueListener ->
 FileHandler) with a thread logging without pause; each child logs, then exits
 through ``logging.shutdown()``, which flushes the FileHandler's stream.
@@ -64,6 +66,20 @@ def print_scenario(mode: str, forks: int) -> dict[str, int]:
     return summary
 
 
+def buffered_scenario(mode: str, forks: int) -> dict[str, int]:
+    if mode != "bare":
+        _protect(mode, sys.stdout)
+
+    def child(k: int) -> None:
+        print("child", k)
+        sys.stdout.flush()
+
+    # Each fork finds the parent's lines in stdout's buffer, its lock free.
+    summary = fork_children(forks, child, before=lambda k: print("parent", k))
+    sys.stdout.flush()
+    return summary
+
+
 def shutdown_scenario(mode: str, forks: int, results: int) -> dict[str, int]:
     if mode == "protect":  # first, as `python -m forkguard run` would
         _protect(mode)
@@ -99,13 +115,15 @@ def shutdown_scenario(mode: str, forks: int, results: int) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=("print", "shutdown"))
+    parser.add_argument("scenario", choices=("print", "buffered", "shutdown"))
     parser.add_argument("--mode", choices=("bare", "queue", "register", "protect"), required=True)
     parser.add_argument("--forks", type=int, default=30)
     parser.add_argument("--results", type=int, default=-1, help="fd for the children's marks")
     args = parser.parse_args()
     if args.scenario == "print":
         summary = print_scenario(args.mode, args.forks)
+    elif args.scenario == "buffered":
+        summary = buffered_scenario(args.mode, args.forks)
     else:
         summary = shutdown_scenario(args.mode, args.forks, args.results)
     print(json.dumps(summary), file=sys.stderr, flush=True)

@@ -21,13 +21,20 @@ from typing import Any
 CHILD_ALARM = 2
 
 
-def fork_children(forks: int, child: Callable[[int], object]) -> dict[str, int]:
+def fork_children(
+    forks: int,
+    child: Callable[[int], object],
+    before: Callable[[int], object] | None = None,
+) -> dict[str, int]:
     """Fork `forks` children, a little apart, each running ``child(k)`` under a
-    2 s alarm: how many hung (the alarm) and how many failed (raised, or died)."""
+    2 s alarm (and ``before(k)`` in the parent just before each fork): how many hung
+    (the alarm) and how many failed (raised, or died)."""
     warnings.simplefilter("ignore", DeprecationWarning)  # "multi-threaded ... fork()"
     pids = []
     for k in range(forks):
         time.sleep(0.003)
+        if before is not None:
+            before(k)
         pid = os.fork()
         if pid == 0:
             signal.alarm(CHILD_ALARM)
