@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import queue
     from typing import Any, Literal
 
+    from forkguard._audit import AuditReport
     from forkguard._forward import Forwarding
     from forkguard._protect import Protection
     from forkguard._registry import Policy
@@ -33,12 +34,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AuditReport",
     "Forwarding",
     "HoldTimeoutWarning",
     "Policy",
     "Protection",
     "Registration",
     "at_fork",
+    "audit",
     "forward",
     "get_include",
     "protect",
@@ -159,6 +162,22 @@ def at_fork(
     return _REGISTRY.at_fork(before, after_in_parent, after_in_child, name=name)
 
 
+def audit() -> AuditReport:
+    """What would hang a child forked now, and the line that fixes each.
+
+    Lists every held lock forkguard can see (registered objects, the locks
+    ``protect()`` tracks, CPython's buffered files, and the locks of the queues,
+    conditions, semaphores, events and logging handlers alive), with the thread that
+    holds it where the lock records one and that thread's stack; every thread,
+    native ones included (Linux); and loaded native libraries known to misbehave
+    after fork, each with what to do and a source.  Reads only; changes nothing.
+    ``print(report)`` for a terminal, ``report.as_dict()`` for JSON.
+    """
+    from forkguard import _audit
+
+    return _audit.audit()
+
+
 def registrations() -> list[Registration]:
     """A snapshot of the active registrations, oldest first."""
     return _REGISTRY.registrations()
@@ -177,6 +196,10 @@ def __getattr__(name: str) -> object:
         from forkguard._protect import Protection
 
         return Protection
+    if name == "AuditReport":
+        from forkguard._audit import AuditReport
+
+        return AuditReport
     if name == "Forwarding":
         from forkguard._forward import Forwarding
 

@@ -1,0 +1,545 @@
+"""``forkguard.audit()``: what would hang a child forked now, who holds it, and the fix.
+
+Three kinds of finding, all read from the running process (nothing is changed):
+
+- **Held locks** forkguard can see: the Python objects registered with ``register()``,
+  the locks ``protect()`` tracks (listed while held), CPython's buffered files
+  (``sys.stdout`` and every ``io.Buffered*`` alive: their C lock records its owner),
+  and the locks inside the queues, conditions, semaphores, events and logging
+  handlers among the live objects.  For each: the thread that holds it where the
+  lock records one (an ``RLock``, a tracked lock, a buffered file; a plain ``Lock``
+  does not), that thread's Python stack, whether a child forked now gets it back
+  free (registered, or tracked by ``protect()``) or hangs on it, and the one line
+  that fixes it.
+- **Threads**: every thread of the process; on Linux also the native threads Python
+  did not start, by their kernel names (``/proc/self/task``).
+- **Native libraries** loaded that are known to misbehave after fork
+  (``_fork_unsafe.py``: the list, each entry with its source).
+
+A buffered file's owner is read at the offset ``_cpython_io`` verifies on the running
+interpreter; where it cannot, files are left out and the report says so.
+"""
+
+from __future__ import annotations
+
+import _thread
+import gc
+import io
+import os
+import queue
+import re
+import sys
+import threading
+import traceback
+from typing import Any
+
+from forkguard import _fork_unsafe
+
+_STACK_FRAMES = 12  # of a holder's stack: its innermost frames
+_RLOCK_OWNER = re.compile(r"\bowner=(\d+)")
+
+
+class Holder:
+    """The thread that holds a lock: its name and ids, and its Python stack now."""
+
+    __slots__ = ("ident", "inferred", "name", "native_id", "stack")
+
+    def __init__(self, ident: int, name: str | None, native_id: int | None, stack: list[str]):
+        self.ident = ident
+        self.name = name
+        self.native_id = native_id
+        self.stack = stack
+        # True when the lock records no owner and the holder was told by its stack
+        self.inferred = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ident": self.ident,
+            "name": self.name,
+            "native_id": self.native_id,
+            "inferred": self.inferred,
+            "stack": self.stack,
+        }
+
+
+class HeldLock:
+    """A lock held now: what it belongs to, who holds it, what a child would get."""
+
+    __slots__ = ("fix", "holder", "lock_type", "protection", "what")
+
+    def __init__(
+        self, what: str, lock_type: str, holder: Holder | None, protection: str | None, fix: str
+    ):
+        self.what = what
+        self.lock_type = lock_type
+        self.holder = holder
+        self.protection = protection  # None: a child forked now hangs on it
+        self.fix = fix
+
+    @property
+    def would_hang(self) -> bool:
+        """True if a child forked now by another thread would find it held for ever."""
+        return self.protection is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "what": self.what,
+            "lock_type": self.lock_type,
+            "holder": self.holder.as_dict() if self.holder is not None else None,
+            "would_hang": self.would_hang,
+            "protection": self.protection,
+            "fix": self.fix,
+        }
+
+
+class ThreadInfo:
+    """A thread of this process; `python` is False for native threads Python did not
+    start (found on Linux only)."""
+
+    __slots__ = ("current", "daemon", "ident", "name", "native_id", "python")
+
+    def __init__(
+        self,
+        name: str,
+        ident: int | None,
+        native_id: int | None,
+        python: bool,
+        daemon: bool | None,
+        current: bool,
+    ):
+        self.name = name
+        self.ident = ident
+        self.native_id = native_id
+        self.python = python
+        self.daemon = daemon
+        self.current = current
+
+    def as_dict(self) -> dict[str, Any]:
+        return {slot: getattr(self, slot) for slot in self.__slots__}
+
+
+class LibraryFinding:
+    """A loaded native library known to misbehave after fork."""
+
+    __slots__ = ("name", "path", "problem", "remedy", "source")
+
+    def __init__(self, library: _fork_unsafe.Library, path: str):
+        self.name = library.name
+        self.path = path
+        self.problem = library.problem
+        self.remedy = library.remedy
+        self.source = library.source
+
+    def as_dict(self) -> dict[str, Any]:
+        return {slot: getattr(self, slot) for slot in self.__slots__}
+
+
+class AuditReport:
+    """What ``forkguard.audit()`` found.  ``str(report)`` is for a terminal,
+    ``as_dict()`` for JSON."""
+
+    __slots__ = ("held", "libraries", "notes", "threads")
+
+    def __init__(
+        self,
+        held: list[HeldLock],
+        threads: list[ThreadInfo],
+        libraries: list[LibraryFinding],
+        notes: list[str],
+    ):
+        self.held = held
+        self.threads = threads
+        self.libraries = libraries
+        self.notes = notes  # what could not be checked, and why
+
+    @property
+    def would_hang(self) -> list[HeldLock]:
+        """The held locks a child forked now would hang on."""
+        return [h for h in self.held if h.would_hang]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "held": [h.as_dict() for h in self.held],
+            "threads": [t.as_dict() for t in self.threads],
+            "libraries": [lib.as_dict() for lib in self.libraries],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        native = sum(not t.python for t in self.threads)
+        threads = _count(len(self.threads), "thread") + (f" ({native} native)" if native else "")
+        if not self.held and not self.libraries and not native:
+            line = (
+                f"forkguard.audit(): nothing found that would hang a child forked now "
+                f"({threads}, no lock held, no fork-unsafe native library loaded)"
+            )
+            return "\n".join([line, *(f"note: {n}" for n in self.notes)])
+        hang = len(self.would_hang)
+        lines = [
+            f"forkguard.audit(): {_count(hang, 'held lock')} a child forked now would hang "
+            f"on, {_count(len(self.held) - hang, 'held lock')} it would get back free, "
+            f"{threads}, {_count(len(self.libraries), 'fork-unsafe native library')}"
+        ]
+        if self.held:
+            lines += ["", "Held locks:"]
+            for h in sorted(self.held, key=lambda h: not h.would_hang):
+                verdict = "WOULD HANG" if h.would_hang else "repaired"
+                lines.append(f"  [{verdict}] {h.what} ({h.lock_type})")
+                lines.append(f"    held by {_holder_text(h.holder)}")
+                if h.holder is not None:
+                    lines += [f"      {line}" for line in h.holder.stack]
+                if h.would_hang:
+                    lines.append(f"    fix: {h.fix}")
+                else:
+                    lines.append(f"    {h.protection}")
+        lines += ["", "Threads:"]
+        for t in self.threads:
+            lines.append(f"  {_thread_text(t)}")
+        if self.libraries:
+            lines += ["", "Native libraries known to misbehave after fork:"]
+            for lib in self.libraries:
+                lines += [
+                    f"  {lib.name}: {lib.path}",
+                    f"    {lib.problem}",
+                    f"    what to do: {lib.remedy}",
+                    f"    source: {lib.source}",
+                ]
+        if self.notes:
+            lines += ["", *(f"note: {n}" for n in self.notes)]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"<forkguard.AuditReport: {len(self.would_hang)} would hang, "
+            f"{len(self.held)} held, {len(self.threads)} threads, "
+            f"{len(self.libraries)} libraries>"
+        )
+
+
+def _count(n: int, what: str) -> str:
+    if n == 1:
+        return f"1 {what}"
+    plural = what[:-1] + "ies" if what.endswith("library") else what + "s"
+    return f"{n} {plural}"
+
+
+def _holder_text(holder: Holder | None) -> str:
+    if holder is None:
+        return (
+            "a thread it does not record (a plain Lock keeps no owner, and no single "
+            "thread's stack refers to it; under protect() it would be recorded)"
+        )
+    name = repr(holder.name) if holder.name is not None else "a thread Python does not know"
+    if holder.ident == threading.get_ident():
+        name += " (this thread: a child it forks keeps it held)"
+    native = f", native id {holder.native_id}" if holder.native_id is not None else ""
+    if holder.inferred:
+        return (
+            f"thread {name} (ident {holder.ident}{native}): the lock records no owner, but "
+            f"this is the only other thread whose stack refers to it; now at:"
+        )
+    return f"thread {name} (ident {holder.ident}{native}), now at:"
+
+
+def _thread_text(t: ThreadInfo) -> str:
+    if not t.python:
+        return f"native thread {t.name!r} (native id {t.native_id}): not started by Python"
+    extra = []
+    if t.current:
+        extra.append("this thread")
+    if t.daemon:
+        extra.append("daemon")
+    tail = f"; {', '.join(extra)}" if extra else ""
+    return f"{t.name!r} (ident {t.ident}, native id {t.native_id}{tail})"
+
+
+# ---------------------------------------------------------------------- finding
+
+
+def audit() -> AuditReport:
+    """What would hang a child forked now (see the module's docstring)."""
+    from forkguard import _REGISTRY
+
+    notes: list[str] = []
+    python_threads = {t.ident: t for t in threading.enumerate()}
+    frames = sys._current_frames()
+    protected = _protected(_REGISTRY)
+    held: dict[int, HeldLock] = {}
+
+    def holder(ident: int | None) -> Holder | None:
+        if not ident:
+            return None
+        thread = python_threads.get(ident)
+        frame = frames.get(ident)
+        stack = (
+            [
+                line.rstrip()
+                for entry in traceback.format_stack(frame)[-_STACK_FRAMES:]
+                for line in entry.splitlines()
+            ]
+            if frame is not None
+            else []
+        )
+        return Holder(
+            ident,
+            thread.name if thread is not None else None,
+            getattr(thread, "native_id", None) if thread is not None else None,
+            stack,
+        )
+
+    for c in _candidates(notes):
+        if id(c.lock) in held:
+            continue
+        state = _held_by(c.lock)
+        if state is None:
+            continue
+        lock_type, ident = state
+        inferred = False
+        if ident is None:  # a plain Lock: look for the thread whose stack refers to it
+            ident = _infer_holder(c, frames)
+            inferred = ident is not None
+        found = holder(ident)
+        if found is not None:
+            found.inferred = inferred
+        protection = protected.get(id(c.lock)) or c.repaired_by
+        held[id(c.lock)] = HeldLock(c.what, lock_type, found, protection, c.fix)
+    return AuditReport(list(held.values()), _threads(python_threads), _libraries(notes), notes)
+
+
+def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
+    """The one other thread whose Python stack has a frame with the lock or its container
+    among its local variables (``self`` in ``Queue.put``, a ``with lock:`` in the
+    thread's own function); None if no thread or several threads do.  A thread waiting
+    for the lock matches too, so only a single match is taken as the holder."""
+    me = threading.get_ident()
+    wanted = (id(c.lock), id(c.container))
+    matches = []
+    for ident, innermost in frames.items():
+        if ident == me:
+            continue
+        frame, depth = innermost, 0
+        while frame is not None and depth < _INFER_DEPTH:
+            if any(id(value) in wanted for value in frame.f_locals.values()):
+                matches.append(ident)
+                break
+            frame, depth = frame.f_back, depth + 1
+    return matches[0] if len(matches) == 1 else None
+
+
+_INFER_DEPTH = 30  # frames looked at per thread, innermost first
+
+
+def _protected(registry: Any) -> dict[int, str]:
+    """id(lock) -> how a child gets it back, for the locks forkguard already repairs."""
+    out: dict[int, str] = {}
+    for reg in registry.registrations():
+        target = reg.target
+        for lock in _locks_of(target):
+            out[id(lock)] = f"registered ({reg.name}): a child gets it back free"
+    protect = sys.modules.get("forkguard._protect")
+    if protect is not None and protect._current is not None:  # repaired while switched on
+        for lock in list(protect._active):
+            out.setdefault(id(lock), "tracked by protect(): a child gets it back free")
+    return out
+
+
+def _locks_of(obj: object) -> list[object]:
+    """The locks a registered object's registration repairs."""
+    if isinstance(obj, queue.Queue):
+        return [obj.mutex]
+    if isinstance(obj, threading.Condition):
+        return [obj._lock]  # type: ignore[attr-defined]
+    cond = getattr(obj, "_cond", None)  # Semaphore, BoundedSemaphore, Event
+    if isinstance(cond, threading.Condition):
+        return [cond._lock]  # type: ignore[attr-defined]
+    if isinstance(obj, io.TextIOWrapper):
+        return [obj.buffer]
+    return [obj]
+
+
+class _Candidate:
+    """A lock to check: the object it belongs to, how to name it, the line that fixes it."""
+
+    __slots__ = ("container", "fix", "lock", "repaired_by", "what")
+
+    def __init__(
+        self, lock: object, container: object, what: str, fix: str, repaired_by: str | None = None
+    ) -> None:
+        self.lock = lock
+        self.container = container
+        self.what = what
+        self.fix = fix
+        self.repaired_by = repaired_by  # repaired in the child without forkguard
+
+
+def _candidates(notes: list[str]) -> list[_Candidate]:
+    """Every lock to check, most descriptive container first (a Queue before the
+    Conditions built on its mutex)."""
+    logging = sys.modules.get("logging")
+    handler_type = logging.Handler if logging is not None else ()
+    queues: list[_Candidate] = []
+    others: list[_Candidate] = []
+    files: list[_Candidate] = []
+    files_ok = _files_checkable(notes)
+    for std in ("stdin", "stdout", "stderr"):
+        f = getattr(sys, std)
+        buffer = getattr(f, "buffer", f)
+        if files_ok and isinstance(buffer, _BUFFERED):
+            fix = f"forkguard.register(sys.{std})"
+            files.append(_Candidate(buffer, f, f"sys.{std}'s buffer", fix))
+    for obj in gc.get_objects():
+        name = _short(obj) if isinstance(obj, (*_CONTAINERS, handler_type)) else ""
+        if isinstance(obj, queue.Queue):
+            queues.append(
+                _Candidate(obj.mutex, obj, f"the mutex of {name}", f"forkguard.register({name})")
+            )
+        elif isinstance(obj, handler_type):
+            lock = getattr(obj, "lock", None)
+            if lock is not None:
+                fix = f"forkguard.register(handler.lock)  # handler = {name}"
+                # logging (3.8+) re-creates the locks of the handlers made through
+                # Handler.__init__ in a forked child.
+                repaired = obj in getattr(logging, "_at_fork_reinit_lock_weakset", ())
+                why = "CPython's logging re-creates it in a forked child" if repaired else None
+                others.append(_Candidate(lock, obj, f"the lock of {name}", fix, why))
+        elif isinstance(obj, threading.Condition):
+            lock = obj._lock  # type: ignore[attr-defined]
+            others.append(
+                _Candidate(lock, obj, f"the lock of {name}", f"forkguard.register({name})")
+            )
+        elif isinstance(obj, (threading.Semaphore, threading.Event)):
+            lock = obj._cond._lock  # type: ignore[union-attr]
+            others.append(
+                _Candidate(lock, obj, f"the lock of {name}", f"forkguard.register({name})")
+            )
+        elif files_ok and isinstance(obj, _BUFFERED):
+            fix = f"forkguard.register(f)  # f = {name}"
+            files.append(_Candidate(obj, obj, f"the buffer lock of {name}", fix))
+    protect = sys.modules.get("forkguard._protect")
+    tracked = [
+        _Candidate(lock, lock, repr(lock), "forkguard.register(lock)")
+        for lock in (list(protect._active) if protect is not None else [])
+    ]
+    from forkguard import _REGISTRY
+
+    registered = [  # Python objects (C objects' state is read in C: not here yet)
+        _Candidate(lock, reg.target, f"registered {reg.name}", "already registered")
+        for reg in _REGISTRY.registrations()
+        if reg._pykind is not None
+        for lock in _locks_of(reg.target)
+        if lock is not None
+    ]
+    return [*queues, *others, *files, *tracked, *registered]
+
+
+_BUFFERED = (io.BufferedWriter, io.BufferedReader, io.BufferedRandom)
+_CONTAINERS = (queue.Queue, threading.Condition, threading.Semaphore, threading.Event, *_BUFFERED)
+
+
+def _files_checkable(notes: list[str]) -> bool:
+    from forkguard import _cpython_io
+    from forkguard._cpython_locks import LayoutError
+
+    try:
+        _cpython_io.layout()
+    except LayoutError as exc:
+        notes.append(f"buffered files were not checked: {exc}")
+        return False
+    return True
+
+
+def _short(obj: object) -> str:
+    cls = type(obj)
+    module = "io" if cls.__module__ == "_io" else cls.__module__
+    name = f"{module}.{cls.__qualname__}" if module != "builtins" else cls.__qualname__
+    return f"<{name} at {id(obj):#x}>"
+
+
+def _held_by(lock: object) -> tuple[str, int | None] | None:
+    """(its type, the holder's ident or None if not recorded) if `lock` is held now."""
+    if isinstance(lock, _BUFFERED):
+        from forkguard import _cpython_io
+
+        file_owner = _cpython_io._owner(lock, _cpython_io.layout())
+        return ("the file's C buffer lock", file_owner) if file_owner else None
+    locked = getattr(lock, "locked", None)
+    owner: int | None = getattr(lock, "_owner", None)  # tracked Lock; threading's pure-Python RLock
+    if callable(locked) and not isinstance(lock, _RLOCK_TYPES):
+        if not locked():
+            return None
+        return type(lock).__qualname__, owner or None
+    text = repr(lock)  # CPython's C RLock: "<locked _thread.RLock object owner=... count=...>"
+    if not text.startswith("<locked"):
+        return None
+    match = _RLOCK_OWNER.search(text)
+    return "RLock", int(match.group(1)) if match else owner or None
+
+
+_RLOCK_TYPES = (_thread.RLock,)  # CPython's C RLock (protect()'s tracked RLock included)
+
+
+def _threads(python: dict[int | None, threading.Thread]) -> list[ThreadInfo]:
+    me = threading.get_ident()
+    out = [
+        ThreadInfo(t.name, t.ident, t.native_id, True, t.daemon, t.ident == me)
+        for t in python.values()
+    ]
+    known = {t.native_id for t in python.values()}
+    try:
+        tids = sorted(int(tid) for tid in os.listdir("/proc/self/task"))
+    except OSError:  # not Linux: Python's own threads only
+        return out
+    for tid in tids:
+        if tid in known:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # ended meanwhile
+            continue
+        out.append(ThreadInfo(name, None, tid, False, None, False))
+    return out
+
+
+def loaded_libraries() -> list[str]:
+    """Paths of the shared libraries mapped into this process (Linux: /proc/self/maps;
+    macOS: dyld's list); empty where neither can be read."""
+    try:
+        with open("/proc/self/maps") as f:
+            return _paths_in_maps(f.read())
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc._dyld_get_image_name.restype = ctypes.c_char_p
+        return [
+            libc._dyld_get_image_name(i).decode(errors="replace")
+            for i in range(libc._dyld_image_count())
+        ]
+    return []
+
+
+def _paths_in_maps(text: str) -> list[str]:
+    """The distinct file paths in /proc/<pid>/maps text, in order of first mapping."""
+    seen: dict[str, None] = {}
+    for line in text.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and fields[5].startswith("/"):
+            seen.setdefault(fields[5].removesuffix(" (deleted)"), None)
+    return list(seen)
+
+
+def _libraries(notes: list[str], paths: list[str] | None = None) -> list[LibraryFinding]:
+    if paths is None:
+        paths = loaded_libraries()
+        if not paths:
+            notes.append("the loaded native libraries could not be listed on this platform")
+    found: list[LibraryFinding] = []
+    for library in _fork_unsafe.LIBRARIES:
+        for path in paths:
+            if library.files.search(os.path.basename(path)):
+                found.append(LibraryFinding(library, path))
+                break
+    return found
