@@ -1222,6 +1222,27 @@ int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type)
 #endif
 }
 
+int fg_mutex_owner(const pthread_mutex_t *mutex, long *owner)
+{
+    if (mutex == NULL || owner == NULL)
+        return FORKGUARD_ENULL;
+    *owner = 0;
+#if FG_OWNER_LAYOUT
+    if (!owner_rule)
+        return FORKGUARD_ENOTSUP;
+    /* Two unsynchronised reads of another thread's mutex: a snapshot that may be
+     * stale by the time it is returned, which is all a report needs. */
+    const volatile pthread_mutex_t *v = mutex;
+    int lock = v->__data.__lock;
+    long tid = v->__data.__owner;
+    if (lock != 0)
+        *owner = tid > 0 ? tid : -1;
+    return FORKGUARD_OK;
+#else
+    return FORKGUARD_ENOTSUP;
+#endif
+}
+
 int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
                       double timeout, const char *name, uint64_t *handle)
 {

@@ -195,6 +195,33 @@ def test_native_threads_are_listed_by_their_kernel_names(ext: ModuleType) -> Non
         holders.stop()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux /proc only")
+def test_a_registered_c_mutex_held_by_a_native_thread_names_that_thread(ext: ModuleType) -> None:
+    if not getattr(forkguard._REGISTRY.backend, "owner_rule", False):
+        pytest.skip("this C library's mutex layout is not known to forkguard")
+    before = set(os.listdir("/proc/self/task"))
+    holders = Holders(ext)
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    free = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    holders.hold((ext.lib.K_MUTEX, m, 1))
+    try:
+        (tid,) = set(os.listdir("/proc/self/task")) - before
+        with open(f"/proc/self/task/{tid}/comm", "w") as comm:
+            comm.write("fg-c-holder")
+        with forkguard.register(m, name="ext's mutex"), forkguard.register(free, name="idle"):
+            report = forkguard.audit()
+            held = finding(report, "ext's mutex")
+            assert held.lock_type == "pthread_mutex_t (normal)" and not held.would_hang
+            assert held.holder is not None and held.holder.ident is None
+            assert (held.holder.name, held.holder.native_id) == ("fg-c-holder", int(tid))
+            assert "native thread 'fg-c-holder'" in str(report)
+            assert not [h for h in report.held if "idle" in h.what]  # a free one is not held
+    finally:
+        holders.stop()
+    with forkguard.register(m, name="released"):
+        assert not [h for h in forkguard.audit().held if "released" in h.what]
+
+
 def test_python_threads_are_listed_with_this_one_marked() -> None:
     with held_in_thread(threading.Lock(), "a-python-thread") as t:
         threads = forkguard.audit().threads
@@ -248,3 +275,13 @@ def test_the_report_is_json_and_changes_nothing() -> None:
     assert any(h["holder"] and h["holder"]["name"] == "json-holder" for h in data["held"])
     assert set(data) == {"held", "threads", "libraries", "notes"}
     assert "would hang" in repr(report)
+
+
+def test_the_c_owner_reader_refuses_null_pointers(ext: ModuleType) -> None:
+    from forkguard._native import ffi, lib
+
+    out = ffi.new("long *", 7)
+    assert lib.fg_mutex_owner(ffi.NULL, out) == lib.FORKGUARD_ENULL
+    assert out[0] == 7  # nothing written on error
+    m = ffi.cast("pthread_mutex_t *", ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0))
+    assert lib.fg_mutex_owner(m, ffi.NULL) == lib.FORKGUARD_ENULL

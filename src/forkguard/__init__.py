@@ -165,8 +165,8 @@ def at_fork(
 def audit() -> AuditReport:
     """What would hang a child forked now, and the line that fixes each.
 
-    Lists every held lock forkguard can see (registered objects, the locks
-    ``protect()`` tracks, CPython's buffered files, and the locks of the queues,
+    Lists every held lock forkguard can see (registered objects, C mutexes included,
+    the locks ``protect()`` tracks, CPython's buffered files, and the locks of the queues,
     conditions, semaphores, events and logging handlers alive), with the thread that
     holds it where the lock records one and that thread's stack; every thread,
     native ones included (Linux); and loaded native libraries known to misbehave

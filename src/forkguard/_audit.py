@@ -2,13 +2,15 @@
 
 Three kinds of finding, all read from the running process (nothing is changed):
 
-- **Held locks** forkguard can see: the Python objects registered with ``register()``,
+- **Held locks** forkguard can see: the objects registered with ``register()`` (C
+  mutexes too, where the C library's layout is known and checked: glibc),
   the locks ``protect()`` tracks (listed while held), CPython's buffered files
   (``sys.stdout`` and every ``io.Buffered*`` alive: their C lock records its owner),
   and the locks inside the queues, conditions, semaphores, events and logging
   handlers among the live objects.  For each: the thread that holds it where the
-  lock records one (an ``RLock``, a tracked lock, a buffered file; a plain ``Lock``
-  does not), that thread's Python stack, whether a child forked now gets it back
+  lock records one (an ``RLock``, a tracked lock, a buffered file, a C mutex; a plain
+  ``Lock`` does not, so the one thread whose stack refers to it is named), that
+  thread's Python stack, whether a child forked now gets it back
   free (registered, or tracked by ``protect()``) or hangs on it, and the one line
   that fixes it.
 - **Threads**: every thread of the process; on Linux also the native threads Python
@@ -40,11 +42,15 @@ _RLOCK_OWNER = re.compile(r"\bowner=(\d+)")
 
 
 class Holder:
-    """The thread that holds a lock: its name and ids, and its Python stack now."""
+    """The thread that holds a lock: its name and ids, and its Python stack now.  A
+    native thread Python did not start has no `ident` and no stack, and its name is
+    the kernel's."""
 
     __slots__ = ("ident", "inferred", "name", "native_id", "stack")
 
-    def __init__(self, ident: int, name: str | None, native_id: int | None, stack: list[str]):
+    def __init__(
+        self, ident: int | None, name: str | None, native_id: int | None, stack: list[str]
+    ):
         self.ident = ident
         self.name = name
         self.native_id = native_id
@@ -229,6 +235,10 @@ def _holder_text(holder: Holder | None) -> str:
             "a thread it does not record (a plain Lock keeps no owner, and no single "
             "thread's stack refers to it; under protect() it would be recorded)"
         )
+    if holder.ident is None:
+        return (
+            f"native thread {holder.name!r} (native id {holder.native_id}): not started by Python"
+        )
     name = repr(holder.name) if holder.name is not None else "a thread Python does not know"
     if holder.ident == threading.get_ident():
         name += " (this thread: a child it forks keeps it held)"
@@ -303,7 +313,47 @@ def audit() -> AuditReport:
             found.inferred = inferred
         protection = protected.get(id(c.lock)) or c.repaired_by
         held[id(c.lock)] = HeldLock(c.what, lock_type, found, protection, c.fix)
-    return AuditReport(list(held.values()), _threads(python_threads), _libraries(notes), notes)
+    c_held = _c_mutexes_held(_REGISTRY, notes, python_threads, holder)
+    return AuditReport(
+        [*held.values(), *c_held], _threads(python_threads), _libraries(notes), notes
+    )
+
+
+def _c_mutexes_held(
+    registry: Any,
+    notes: list[str],
+    python_threads: dict[int | None, threading.Thread],
+    holder: Any,
+) -> list[HeldLock]:
+    """Registered C mutexes held now, with the thread that holds each (C registers the
+    kernel's thread id): a Python thread by its native id, else a native thread."""
+    by_native_id = {t.native_id: t.ident for t in python_threads.values()}
+    out = []
+    for reg in registry.registrations():
+        if not reg.kind.startswith("pthread_mutex_t") or not reg._address:
+            continue
+        owner = registry.backend.mutex_owner(reg._address)
+        if owner is None:
+            notes.append("C mutexes were not checked: this C library's layout is not known")
+            break
+        if owner == 0:
+            continue
+        found = None
+        if owner > 0:
+            ident = by_native_id.get(owner)
+            found = holder(ident) if ident is not None else Holder(None, _comm(owner), owner, [])
+        protection = f"registered ({reg.name}): a child gets it back free"
+        out.append(HeldLock(f"registered {reg.name}", reg.kind, found, protection, "registered"))
+    return out
+
+
+def _comm(tid: int) -> str | None:
+    """The kernel's name for thread `tid` of this process (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
@@ -492,12 +542,9 @@ def _threads(python: dict[int | None, threading.Thread]) -> list[ThreadInfo]:
     for tid in tids:
         if tid in known:
             continue
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except OSError:  # ended meanwhile
-            continue
-        out.append(ThreadInfo(name, None, tid, False, None, False))
+        name = _comm(tid)
+        if name is not None:  # (None: it ended meanwhile)
+            out.append(ThreadInfo(name, None, tid, False, None, False))
     return out
 
 
