@@ -186,7 +186,7 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
             "per lock, forkguard also touches the weak reference it holds the lock by "
             "(registering must not keep a lock alive), whose page the child then copies; "
             "the child's one Python call reads the registry's lists; and the process holds "
-            "forkguard and 100 registrations besides. In this run the child took "
+            f"forkguard and {FAST_LOCKS} registrations besides. In this run the child took "
             f"{child_faults('forkguard-locks', 'hand-locks'):+.1f} page faults per fork "
             f"against the hand-written loop{decimal}. Closing it would take the loop out "
             "of Python: a C loop over the locks, i.e. a CPython-API extension module next "

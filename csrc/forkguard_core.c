@@ -1222,27 +1222,6 @@ int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type)
 #endif
 }
 
-int fg_mutex_owner(const pthread_mutex_t *mutex, long *owner)
-{
-    if (mutex == NULL || owner == NULL)
-        return FORKGUARD_ENULL;
-    *owner = 0;
-#if FG_OWNER_LAYOUT
-    if (!owner_rule)
-        return FORKGUARD_ENOTSUP;
-    /* Two unsynchronised reads of another thread's mutex: a snapshot that may be
-     * stale by the time it is returned, which is all a report needs. */
-    const volatile pthread_mutex_t *v = mutex;
-    int lock = v->__data.__lock;
-    long tid = v->__data.__owner;
-    if (lock != 0)
-        *owner = tid > 0 ? tid : -1;
-    return FORKGUARD_OK;
-#else
-    return FORKGUARD_ENOTSUP;
-#endif
-}
-
 int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
                       double timeout, const char *name, uint64_t *handle)
 {
@@ -1472,6 +1451,39 @@ int fg_info(uint64_t handle, fg_info_t *info)
     }
     read_end(locked);
     return i == NIL ? FORKGUARD_ESTALE : FORKGUARD_OK;
+}
+
+int fg_mutex_owner(uint64_t handle, long *owner)
+{
+    if (owner == NULL)
+        return FORKGUARD_ENULL;
+#if FG_OWNER_LAYOUT
+    if (!owner_rule)
+        return FORKGUARD_ENOTSUP;
+    if (!installed())
+        return FORKGUARD_ESTALE;
+    /* Read under the registry's lock: an owner that unregisters and then frees
+     * the mutex waits for this read to end first. */
+    int locked = read_begin();
+    int32_t i = handle_slot(handle);
+    int rc = FORKGUARD_ESTALE;
+    if (i != NIL && reg.slots[i].kind == FG_KIND_MUTEX) {
+        /* Two unsynchronised reads of a mutex other threads use: a snapshot,
+         * which is all a report needs. */
+        const volatile pthread_mutex_t *v = reg.slots[i].obj;
+        int lock = v->__data.__lock;
+        long tid = v->__data.__owner;
+        *owner = lock == 0 ? 0 : tid > 0 ? tid : -1;
+        rc = FORKGUARD_OK;
+    } else if (i != NIL) {
+        rc = FORKGUARD_EINVAL;
+    }
+    read_end(locked);
+    return rc;
+#else
+    (void)handle;
+    return FORKGUARD_ENOTSUP;
+#endif
 }
 
 size_t fg_list(uint64_t *handles, size_t cap)

@@ -88,11 +88,13 @@ int fg_sem_value(sem_t *sem, unsigned int *value);
  * library does not expose it, FORKGUARD_ESHARED for process-shared mutexes). */
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
 
-/* Who holds a mutex now, for forkguard.audit(): *owner is 0 if it is free, the
- * holder's thread id (the kernel's) if the C library recorded one, -1 if it is
- * held by an owner not recorded.  Reads only.  FORKGUARD_ENOTSUP where the C
- * library's layout is not known and checked (the owner rule is off). */
-int fg_mutex_owner(const pthread_mutex_t *mutex, long *owner);
+/* Who holds the mutex of registration `handle` now, for forkguard.audit(): *owner
+ * is 0 if it is free, the holder's thread id (the kernel's) if the C library
+ * recorded one, -1 if it is held by an owner not recorded.  Read under the
+ * registry's lock, so never after its owner unregistered it.  FORKGUARD_ESTALE for
+ * a handle no longer registered, FORKGUARD_EINVAL for one that is not a mutex,
+ * FORKGUARD_ENOTSUP where the C library's layout is not known and checked. */
+int fg_mutex_owner(uint64_t handle, long *owner);
 
 /* How many holds timed out in the calling thread's most recent fork (its
  * os.fork() "after in parent" hook reads it to warn). */

@@ -116,7 +116,7 @@ def test_a_plain_lock_s_holder_is_told_by_the_one_stack_that_refers_to_it() -> N
         wait_for(lambda: len(_stacks_referring_to(lock)) == 2)
         held = finding(forkguard.audit(), "the test's lock")
         assert held.holder is None
-        assert "no single thread's stack refers to it" in str(forkguard.audit())
+        assert "no single other thread's stack refers to it" in str(forkguard.audit())
     waiting.join(OK)
     lock.release()  # the waiter got it
 
@@ -188,8 +188,8 @@ def test_native_threads_are_listed_by_their_kernel_names(ext: ModuleType) -> Non
         (tid,) = set(os.listdir("/proc/self/task")) - before
         with open(f"/proc/self/task/{tid}/comm", "w") as comm:
             comm.write("fg-native-test")
-        native = [t for t in forkguard.audit().threads if not t.python]
-        assert [(t.name, t.native_id) for t in native] == [("fg-native-test", int(tid))]
+        native = [t for t in forkguard.audit().threads if t.native_id == int(tid)]
+        assert [(t.name, t.python) for t in native] == [("fg-native-test", False)]
         assert "native thread 'fg-native-test'" in str(forkguard.audit())
     finally:
         holders.stop()
@@ -277,11 +277,18 @@ def test_the_report_is_json_and_changes_nothing() -> None:
     assert "would hang" in repr(report)
 
 
-def test_the_c_owner_reader_refuses_null_pointers(ext: ModuleType) -> None:
+def test_the_c_owner_reader_refuses_bad_handles_and_null(ext: ModuleType) -> None:
     from forkguard._native import ffi, lib
 
+    if not getattr(forkguard._REGISTRY.backend, "owner_rule", False):
+        pytest.skip("this C library's mutex layout is not known to forkguard")
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    rw = ext.lib.rwlock_new(0)
     out = ffi.new("long *", 7)
-    assert lib.fg_mutex_owner(ffi.NULL, out) == lib.FORKGUARD_ENULL
-    assert out[0] == 7  # nothing written on error
-    m = ffi.cast("pthread_mutex_t *", ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0))
-    assert lib.fg_mutex_owner(m, ffi.NULL) == lib.FORKGUARD_ENULL
+    with forkguard.register(m, mutex_type="normal") as reg, forkguard.register(rw) as other:
+        assert lib.fg_mutex_owner(reg._handle, ffi.NULL) == lib.FORKGUARD_ENULL
+        assert lib.fg_mutex_owner(other._handle, out) == lib.FORKGUARD_EINVAL  # not a mutex
+        assert out[0] == 7  # nothing written on error
+        assert lib.fg_mutex_owner(reg._handle, out) == lib.FORKGUARD_OK and out[0] == 0
+    assert lib.fg_mutex_owner(reg._handle, out) == lib.FORKGUARD_ESTALE  # unregistered
+    assert lib.fg_mutex_owner(0, out) == lib.FORKGUARD_ESTALE

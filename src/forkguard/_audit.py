@@ -191,7 +191,7 @@ class AuditReport:
             for h in sorted(self.held, key=lambda h: not h.would_hang):
                 verdict = "WOULD HANG" if h.would_hang else "repaired"
                 lines.append(f"  [{verdict}] {h.what} ({h.lock_type})")
-                lines.append(f"    held by {_holder_text(h.holder)}")
+                lines.append(f"    held by {_holder_text(h.holder, h.lock_type)}")
                 if h.holder is not None:
                     lines += [f"      {line}" for line in h.holder.stack]
                 if h.would_hang:
@@ -229,19 +229,23 @@ def _count(n: int, what: str) -> str:
     return f"{n} {plural}"
 
 
-def _holder_text(holder: Holder | None) -> str:
+def _holder_text(holder: Holder | None, lock_type: str) -> str:
     if holder is None:
+        if lock_type.startswith("pthread_mutex_t"):
+            return "a thread the C library did not record"
         return (
             "a thread it does not record (a plain Lock keeps no owner, and no single "
-            "thread's stack refers to it; under protect() it would be recorded)"
+            "other thread's stack refers to it; under protect() it would be recorded)"
         )
     if holder.ident is None:
+        if holder.name is None:
+            return f"thread {holder.native_id} (native id), which no longer exists"
         return (
-            f"native thread {holder.name!r} (native id {holder.native_id}): not started by Python"
+            f"native thread {holder.name!r} (native id {holder.native_id}), not known to threading"
         )
     name = repr(holder.name) if holder.name is not None else "a thread Python does not know"
     if holder.ident == threading.get_ident():
-        name += " (this thread: a child it forks keeps it held)"
+        name += " (this thread)"
     native = f", native id {holder.native_id}" if holder.native_id is not None else ""
     if holder.inferred:
         return (
@@ -253,7 +257,7 @@ def _holder_text(holder: Holder | None) -> str:
 
 def _thread_text(t: ThreadInfo) -> str:
     if not t.python:
-        return f"native thread {t.name!r} (native id {t.native_id}): not started by Python"
+        return f"native thread {t.name!r} (native id {t.native_id}), not known to threading"
     extra = []
     if t.current:
         extra.append("this thread")
@@ -329,14 +333,15 @@ def _c_mutexes_held(
     kernel's thread id): a Python thread by its native id, else a native thread."""
     by_native_id = {t.native_id: t.ident for t in python_threads.values()}
     out = []
-    for reg in registry.registrations():
-        if not reg.kind.startswith("pthread_mutex_t") or not reg._address:
-            continue
-        owner = registry.backend.mutex_owner(reg._address)
-        if owner is None:
+    if not getattr(registry.backend, "owner_rule", False):
+        if any(r.kind.startswith("pthread_mutex_t") for r in registry.registrations()):
             notes.append("C mutexes were not checked: this C library's layout is not known")
-            break
-        if owner == 0:
+        return []
+    for reg in registry.registrations():
+        if not reg.kind.startswith("pthread_mutex_t") or reg._handle is None:
+            continue
+        owner = registry.backend.mutex_owner(reg._handle)  # None: unregistered meanwhile
+        if not owner:
             continue
         found = None
         if owner > 0:
@@ -360,7 +365,9 @@ def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
     """The one other thread whose Python stack has a frame with the lock or its container
     among its local variables (``self`` in ``Queue.put``, a ``with lock:`` in the
     thread's own function); None if no thread or several threads do.  A thread waiting
-    for the lock matches too, so only a single match is taken as the holder."""
+    for the lock matches too, so only a single match is taken as the holder.  Module
+    frames are passed over (their locals are the module's globals).  The calling thread
+    is not looked at: its own frames refer to what it audits."""
     me = threading.get_ident()
     wanted = (id(c.lock), id(c.container))
     matches = []
@@ -369,7 +376,8 @@ def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
             continue
         frame, depth = innermost, 0
         while frame is not None and depth < _INFER_DEPTH:
-            if any(id(value) in wanted for value in frame.f_locals.values()):
+            scope = frame.f_locals
+            if scope is not frame.f_globals and any(id(v) in wanted for v in scope.values()):
                 matches.append(ident)
                 break
             frame, depth = frame.f_back, depth + 1
@@ -403,7 +411,14 @@ def _locks_of(obj: object) -> list[object]:
     if isinstance(cond, threading.Condition):
         return [cond._lock]  # type: ignore[attr-defined]
     if isinstance(obj, io.TextIOWrapper):
-        return [obj.buffer]
+        obj = obj.buffer
+    if isinstance(obj, io.BufferedRWPair):
+        from forkguard import _cpython_io
+
+        return list(_cpython_io._inner_buffers(obj))
+    inner = getattr(obj, "queue", None)  # logging.handlers.QueueListener
+    if isinstance(inner, queue.Queue) and hasattr(obj, "handlers"):
+        return [inner.mutex]
     return [obj]
 
 
@@ -438,33 +453,36 @@ def _candidates(notes: list[str]) -> list[_Candidate]:
             fix = f"forkguard.register(sys.{std})"
             files.append(_Candidate(buffer, f, f"sys.{std}'s buffer", fix))
     for obj in gc.get_objects():
-        name = _short(obj) if isinstance(obj, (*_CONTAINERS, handler_type)) else ""
-        if isinstance(obj, queue.Queue):
-            queues.append(
-                _Candidate(obj.mutex, obj, f"the mutex of {name}", f"forkguard.register({name})")
-            )
-        elif isinstance(obj, handler_type):
-            lock = getattr(obj, "lock", None)
-            if lock is not None:
-                fix = f"forkguard.register(handler.lock)  # handler = {name}"
-                # logging (3.8+) re-creates the locks of the handlers made through
-                # Handler.__init__ in a forked child.
-                repaired = obj in getattr(logging, "_at_fork_reinit_lock_weakset", ())
-                why = "CPython's logging re-creates it in a forked child" if repaired else None
-                others.append(_Candidate(lock, obj, f"the lock of {name}", fix, why))
-        elif isinstance(obj, threading.Condition):
-            lock = obj._lock  # type: ignore[attr-defined]
-            others.append(
-                _Candidate(lock, obj, f"the lock of {name}", f"forkguard.register({name})")
-            )
-        elif isinstance(obj, (threading.Semaphore, threading.Event)):
-            lock = obj._cond._lock  # type: ignore[union-attr]
-            others.append(
-                _Candidate(lock, obj, f"the lock of {name}", f"forkguard.register({name})")
-            )
-        elif files_ok and isinstance(obj, _BUFFERED):
-            fix = f"forkguard.register(f)  # f = {name}"
-            files.append(_Candidate(obj, obj, f"the buffer lock of {name}", fix))
+        # type(), not isinstance(): isinstance() reads __class__, which a lazy proxy
+        # answers by evaluating its target.  Objects half made (an __init__ still
+        # running, or skipped by a subclass) lack their lock: passed over.
+        cls = type(obj)
+        try:
+            if issubclass(cls, queue.Queue):
+                name = _short(obj)
+                fix = f"forkguard.register({name})"
+                queues.append(_Candidate(obj.mutex, obj, f"the mutex of {name}", fix))
+            elif issubclass(cls, handler_type):
+                lock = obj.lock
+                if lock is not None:
+                    name = _short(obj)
+                    fix = f"forkguard.register(handler.lock)  # handler = {name}"
+                    # logging (3.8+) re-creates the locks of the handlers made through
+                    # Handler.__init__ in a forked child.
+                    repaired = obj in getattr(logging, "_at_fork_reinit_lock_weakset", ())
+                    why = "CPython's logging re-creates it in a forked child" if repaired else None
+                    others.append(_Candidate(lock, obj, f"the lock of {name}", fix, why))
+            elif issubclass(cls, (threading.Condition, threading.Semaphore, threading.Event)):
+                lock = obj._lock if issubclass(cls, threading.Condition) else obj._cond._lock
+                name = _short(obj)
+                fix = f"forkguard.register({name})"
+                others.append(_Candidate(lock, obj, f"the lock of {name}", fix))
+            elif files_ok and issubclass(cls, _BUFFERED):
+                name = _short(obj)
+                fix = f"forkguard.register(f)  # f = {name}"
+                files.append(_Candidate(obj, obj, f"the buffer lock of {name}", fix))
+        except AttributeError:
+            continue
     protect = sys.modules.get("forkguard._protect")
     tracked = [
         _Candidate(lock, lock, repr(lock), "forkguard.register(lock)")
@@ -472,7 +490,7 @@ def _candidates(notes: list[str]) -> list[_Candidate]:
     ]
     from forkguard import _REGISTRY
 
-    registered = [  # Python objects (C objects' state is read in C: not here yet)
+    registered = [  # Python objects (C mutexes are read in C: _c_mutexes_held())
         _Candidate(lock, reg.target, f"registered {reg.name}", "already registered")
         for reg in _REGISTRY.registrations()
         if reg._pykind is not None
@@ -483,7 +501,6 @@ def _candidates(notes: list[str]) -> list[_Candidate]:
 
 
 _BUFFERED = (io.BufferedWriter, io.BufferedReader, io.BufferedRandom)
-_CONTAINERS = (queue.Queue, threading.Condition, threading.Semaphore, threading.Event, *_BUFFERED)
 
 
 def _files_checkable(notes: list[str]) -> bool:

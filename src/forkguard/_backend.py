@@ -83,7 +83,7 @@ class Backend(Protocol):
     def info(self, handle: int) -> CInfo | None: ...
     def sem_value(self, address: int) -> int: ...
     def sem_value_max(self) -> int: ...
-    def mutex_owner(self, address: int) -> int | None: ...
+    def mutex_owner(self, handle: int) -> int | None: ...
     def handles(self) -> list[int]: ...
     def last_fork_timeouts(self) -> int: ...
     def count(self) -> int: ...
@@ -258,14 +258,13 @@ class NativeBackend:
             raise self._register_error(rc, MUTEX, address, None)
         return self._type_names[out[0]]
 
-    def mutex_owner(self, address: int) -> int | None:
-        """Who holds the mutex at `address` now: 0 free, the holder's native thread id,
-        -1 held by an owner not recorded; None where the C library's layout is not
-        known (forkguard.audit() reads it)."""
-        ffi, lib = self._ffi, self._lib
-        out = ffi.new("long *")
-        rc = lib.fg_mutex_owner(ffi.cast("pthread_mutex_t *", address), out)
-        return int(out[0]) if rc == lib.FORKGUARD_OK else None
+    def mutex_owner(self, handle: int) -> int | None:
+        """Who holds the mutex of registration `handle` now: 0 free, the holder's native
+        thread id, -1 held by an owner not recorded; None if it is no longer registered
+        or the C library's layout is not known (forkguard.audit() reads it)."""
+        out = self._ffi.new("long *")
+        rc = self._lib.fg_mutex_owner(handle, out)
+        return int(out[0]) if rc == self._ok else None
 
     def sem_value(self, address: int) -> int:
         ffi, lib = self._ffi, self._lib
@@ -377,7 +376,7 @@ class NoForkBackend:
     def sem_value(self, address: int) -> int:
         return 0
 
-    def mutex_owner(self, address: int) -> int | None:
+    def mutex_owner(self, handle: int) -> int | None:
         return None
 
     def sem_value_max(self) -> int:

@@ -429,14 +429,17 @@ class Registry:
 
     def unregister(self, reg: Registration) -> bool:
         if reg._handle is not None:
-            # No registry lock: the C core decides which of two racing unregisters
-            # ended it, and _end() is safe without the lock.  A register() that still
-            # sees `reg` active returns it, as if it had come just before this call.
+            # The call into C without the registry lock: the C core decides which of
+            # two racing unregisters ended it.  The bookkeeping after it under the lock,
+            # so that a register() of the same object cannot interleave with it.  A
+            # register() that still sees `reg` active returns it, as if it had come
+            # just before this call.
             if not reg._active:
                 return False
             # May raise (called from a fork handler); the registration stays.
             ended_here = self.backend.unregister(reg._handle)
-            self._end(reg, "unregistered")
+            with self._locked():
+                self._end(reg, "unregistered")
             return ended_here
         with self._locked():
             if not reg._active:
