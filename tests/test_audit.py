@@ -178,46 +178,49 @@ def wait_for(condition: Callable[[], bool]) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux /proc only")
-def test_native_threads_are_listed_by_their_kernel_names(ext: ModuleType) -> None:
+@contextmanager
+def native_thread_holding(ext: ModuleType, m: Any, name: str) -> Iterator[int]:
+    """A native thread (not started by Python) holding C mutex `m`, given the kernel
+    name `name`: yields its thread id."""
     before = set(os.listdir("/proc/self/task"))
     holders = Holders(ext)
-    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
     holders.hold((ext.lib.K_MUTEX, m, 1))
     try:
         (tid,) = set(os.listdir("/proc/self/task")) - before
         with open(f"/proc/self/task/{tid}/comm", "w") as comm:
-            comm.write("fg-native-test")
-        native = [t for t in forkguard.audit().threads if t.native_id == int(tid)]
-        assert [(t.name, t.python) for t in native] == [("fg-native-test", False)]
-        assert "native thread 'fg-native-test'" in str(forkguard.audit())
+            comm.write(name)
+        yield int(tid)
     finally:
         holders.stop()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux /proc only")
+def test_native_threads_are_listed_by_their_kernel_names(ext: ModuleType) -> None:
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    with native_thread_holding(ext, m, "fg-native-test") as tid:
+        native = [t for t in forkguard.audit().threads if t.native_id == tid]
+        assert [(t.name, t.python) for t in native] == [("fg-native-test", False)]
+        assert "native thread 'fg-native-test'" in str(forkguard.audit())
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux /proc only")
 def test_a_registered_c_mutex_held_by_a_native_thread_names_that_thread(ext: ModuleType) -> None:
     if not getattr(forkguard._REGISTRY.backend, "owner_rule", False):
         pytest.skip("this C library's mutex layout is not known to forkguard")
-    before = set(os.listdir("/proc/self/task"))
-    holders = Holders(ext)
     m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
     free = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
-    holders.hold((ext.lib.K_MUTEX, m, 1))
-    try:
-        (tid,) = set(os.listdir("/proc/self/task")) - before
-        with open(f"/proc/self/task/{tid}/comm", "w") as comm:
-            comm.write("fg-c-holder")
-        with forkguard.register(m, name="ext's mutex"), forkguard.register(free, name="idle"):
-            report = forkguard.audit()
-            held = finding(report, "ext's mutex")
-            assert held.lock_type == "pthread_mutex_t (normal)" and not held.would_hang
-            assert held.holder is not None and held.holder.ident is None
-            assert (held.holder.name, held.holder.native_id) == ("fg-c-holder", int(tid))
-            assert "native thread 'fg-c-holder'" in str(report)
-            assert not [h for h in report.held if "idle" in h.what]  # a free one is not held
-    finally:
-        holders.stop()
+    with (
+        native_thread_holding(ext, m, "fg-c-holder") as tid,
+        forkguard.register(m, name="ext's mutex"),
+        forkguard.register(free, name="idle"),
+    ):
+        report = forkguard.audit()
+        held = finding(report, "ext's mutex")
+        assert held.lock_type == "pthread_mutex_t (normal)" and not held.would_hang
+        assert held.holder is not None and held.holder.ident is None
+        assert (held.holder.name, held.holder.native_id) == ("fg-c-holder", tid)
+        assert "native thread 'fg-c-holder'" in str(report)
+        assert not [h for h in report.held if "idle" in h.what]  # a free one is not held
     with forkguard.register(m, name="released"):
         assert not [h for h in forkguard.audit().held if "released" in h.what]
 

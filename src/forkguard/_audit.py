@@ -277,7 +277,8 @@ def audit() -> AuditReport:
     notes: list[str] = []
     python_threads = {t.ident: t for t in threading.enumerate()}
     frames = sys._current_frames()
-    protected = _protected(_REGISTRY)
+    regs = _REGISTRY.registrations()  # one snapshot for every step below
+    protected = _protected(regs)
     held: dict[int, HeldLock] = {}
 
     def holder(ident: int | None) -> Holder | None:
@@ -301,7 +302,7 @@ def audit() -> AuditReport:
             stack,
         )
 
-    for c in _candidates(notes):
+    for c in _candidates(notes, regs):
         if id(c.lock) in held:
             continue
         state = _held_by(c.lock)
@@ -317,14 +318,15 @@ def audit() -> AuditReport:
             found.inferred = inferred
         protection = protected.get(id(c.lock)) or c.repaired_by
         held[id(c.lock)] = HeldLock(c.what, lock_type, found, protection, c.fix)
-    c_held = _c_mutexes_held(_REGISTRY, notes, python_threads, holder)
+    c_held = _c_mutexes_held(_REGISTRY.backend, regs, notes, python_threads, holder)
     return AuditReport(
         [*held.values(), *c_held], _threads(python_threads), _libraries(notes), notes
     )
 
 
 def _c_mutexes_held(
-    registry: Any,
+    backend: Any,
+    regs: list[Any],
     notes: list[str],
     python_threads: dict[int | None, threading.Thread],
     holder: Any,
@@ -333,14 +335,12 @@ def _c_mutexes_held(
     kernel's thread id): a Python thread by its native id, else a native thread."""
     by_native_id = {t.native_id: t.ident for t in python_threads.values()}
     out = []
-    if not getattr(registry.backend, "owner_rule", False):
-        if any(r.kind.startswith("pthread_mutex_t") for r in registry.registrations()):
-            notes.append("C mutexes were not checked: this C library's layout is not known")
+    mutexes = [r for r in regs if r._handle is not None and r.kind.startswith("pthread_mutex_t")]
+    if mutexes and not getattr(backend, "owner_rule", False):
+        notes.append("C mutexes were not checked: this C library's layout is not known")
         return []
-    for reg in registry.registrations():
-        if not reg.kind.startswith("pthread_mutex_t") or reg._handle is None:
-            continue
-        owner = registry.backend.mutex_owner(reg._handle)  # None: unregistered meanwhile
+    for reg in mutexes:
+        owner = backend.mutex_owner(reg._handle)  # None: unregistered meanwhile
         if not owner:
             continue
         found = None
@@ -387,10 +387,10 @@ def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
 _INFER_DEPTH = 30  # frames looked at per thread, innermost first
 
 
-def _protected(registry: Any) -> dict[int, str]:
+def _protected(regs: list[Any]) -> dict[int, str]:
     """id(lock) -> how a child gets it back, for the locks forkguard already repairs."""
     out: dict[int, str] = {}
-    for reg in registry.registrations():
+    for reg in regs:
         target = reg.target
         for lock in _locks_of(target):
             out[id(lock)] = f"registered ({reg.name}): a child gets it back free"
@@ -437,7 +437,7 @@ class _Candidate:
         self.repaired_by = repaired_by  # repaired in the child without forkguard
 
 
-def _candidates(notes: list[str]) -> list[_Candidate]:
+def _candidates(notes: list[str], regs: list[Any]) -> list[_Candidate]:
     """Every lock to check, most descriptive container first (a Queue before the
     Conditions built on its mutex)."""
     logging = sys.modules.get("logging")
@@ -488,11 +488,9 @@ def _candidates(notes: list[str]) -> list[_Candidate]:
         _Candidate(lock, lock, repr(lock), "forkguard.register(lock)")
         for lock in (list(protect._active) if protect is not None else [])
     ]
-    from forkguard import _REGISTRY
-
     registered = [  # Python objects (C mutexes are read in C: _c_mutexes_held())
         _Candidate(lock, reg.target, f"registered {reg.name}", "already registered")
-        for reg in _REGISTRY.registrations()
+        for reg in regs
         if reg._pykind is not None
         for lock in _locks_of(reg.target)
         if lock is not None
