@@ -102,6 +102,7 @@ int fg_features(void);
 int fg_handlers_installed(void);
 int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
 int fg_mutex_owner(uint64_t handle, long *owner);
+int fg_mutex_fields(size_t *lock_at, size_t *owner_at);
 int fg_sem_value(sem_t *sem, unsigned int *value);
 int fg_last_fork_timeouts(void);
 const char *fg_strerror(int code);

@@ -48,6 +48,7 @@
 #include <errno.h>
 #include <limits.h> /* SEM_VALUE_MAX */
 #include <sched.h>  /* sched_yield */
+#include <stddef.h> /* offsetof */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -1451,6 +1452,26 @@ int fg_info(uint64_t handle, fg_info_t *info)
     }
     read_end(locked);
     return i == NIL ? FORKGUARD_ESTALE : FORKGUARD_OK;
+}
+
+/* Where a mutex's lock word and owner sit, for forkguard.watch(): a hung child
+ * finds the futex it waits on from the kernel and reads the owner beside it
+ * (through /proc/self/mem, which cannot fault).  Only where owner_layout_holds()
+ * checked those fields on this C library. */
+int fg_mutex_fields(size_t *lock_at, size_t *owner_at)
+{
+    if (lock_at == NULL || owner_at == NULL)
+        return FORKGUARD_ENULL;
+    fg_init();
+#if FG_OWNER_LAYOUT
+    if (!owner_rule)
+        return FORKGUARD_ENOTSUP;
+    *lock_at = offsetof(pthread_mutex_t, __data.__lock);
+    *owner_at = offsetof(pthread_mutex_t, __data.__owner);
+    return FORKGUARD_OK;
+#else
+    return FORKGUARD_ENOTSUP;
+#endif
 }
 
 int fg_mutex_owner(uint64_t handle, long *owner)

@@ -96,6 +96,11 @@ int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type);
  * FORKGUARD_ENOTSUP where the C library's layout is not known and checked. */
 int fg_mutex_owner(uint64_t handle, long *owner);
 
+/* The offsets of a mutex's lock word and owner thread id, where the C library's
+ * layout is known and checked (FORKGUARD_ENOTSUP elsewhere): forkguard.watch()
+ * reads the owner of the mutex a hung child waits on. */
+int fg_mutex_fields(size_t *lock_at, size_t *owner_at);
+
 /* How many holds timed out in the calling thread's most recent fork (its
  * os.fork() "after in parent" hook reads it to warn). */
 int fg_last_fork_timeouts(void);

@@ -30,16 +30,19 @@ if TYPE_CHECKING:
     from forkguard._forward import Forwarding
     from forkguard._protect import Protection
     from forkguard._registry import Policy
+    from forkguard._watch import Watch
 
 __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "HANG_EXIT_STATUS",
     "AuditReport",
     "Forwarding",
     "HoldTimeoutWarning",
     "Policy",
     "Protection",
     "Registration",
+    "Watch",
     "at_fork",
     "audit",
     "forward",
@@ -47,6 +50,7 @@ __all__ = [
     "protect",
     "register",
     "registrations",
+    "watch",
 ]
 
 # Its fork hooks are installed as registrations need them (_fork_phases.py).
@@ -178,6 +182,26 @@ def audit() -> AuditReport:
     return _audit.audit()
 
 
+HANG_EXIT_STATUS = 86  # the exit status of a child ended by watch(action="exit")
+
+
+def watch(timeout: float = 5.0, action: Literal["report", "exit"] = "report") -> Watch:
+    """From now on, a forked child stuck for `timeout` seconds on a lock that was held
+    when it was forked writes one report to its stderr: its pid, where it is stuck,
+    the lock, the parent's thread that held it at the fork (with that thread's stack
+    then), and the fix.  ``action="exit"`` then ends it with exit status
+    ``HANG_EXIT_STATUS``.  Children that do not hang are left as they were.
+
+    At each fork the parent checks the locks ``audit()`` looks at and records the
+    held ones; a child of a process with other threads runs a watchdog thread.
+    Calling it again replaces the settings; ``handle.stop()`` switches it off.
+    ``python -m forkguard doctor`` runs a whole program this way.
+    """
+    from forkguard import _watch
+
+    return _watch.watch(timeout, action)
+
+
 def registrations() -> list[Registration]:
     """A snapshot of the active registrations, oldest first."""
     return _REGISTRY.registrations()
@@ -200,6 +224,10 @@ def __getattr__(name: str) -> object:
         from forkguard._audit import AuditReport
 
         return AuditReport
+    if name == "Watch":
+        from forkguard._watch import Watch
+
+        return Watch
     if name == "Forwarding":
         from forkguard._forward import Forwarding
 

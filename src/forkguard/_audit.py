@@ -364,15 +364,16 @@ def _comm(tid: int) -> str | None:
 def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
     """The one other thread whose Python stack has a frame with the lock or its container
     among its local variables (``self`` in ``Queue.put``, a ``with lock:`` in the
-    thread's own function); None if no thread or several threads do.  A thread waiting
-    for the lock matches too, so only a single match is taken as the holder.  Module
-    frames are passed over (their locals are the module's globals).  The calling thread
-    is not looked at: its own frames refer to what it audits."""
+    thread's own function); None if no thread or several threads do.  A thread inside
+    ``Condition.wait()`` does not hold that condition's lock (the wait gives it up).
+    A thread waiting for the lock matches too, so only a single match is taken as the
+    holder.  Module frames are passed over (their locals are the module's globals).
+    The calling thread is not looked at: its own frames refer to what it audits."""
     me = threading.get_ident()
     wanted = (id(c.lock), id(c.container))
     matches = []
     for ident, innermost in frames.items():
-        if ident == me:
+        if ident == me or _released(innermost) == id(c.lock):
             continue
         frame, depth = innermost, 0
         while frame is not None and depth < _INFER_DEPTH:
@@ -385,6 +386,16 @@ def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
 
 
 _INFER_DEPTH = 30  # frames looked at per thread, innermost first
+
+
+def _released(frame: Any) -> int | None:
+    """id() of the lock a thread stopped at `frame` gave up: inside Condition.wait(),
+    the condition's lock (the wait gives it up meanwhile); else None."""
+    code = frame.f_code
+    if code.co_name != "wait" or code.co_filename != threading.__file__:
+        return None
+    cond = frame.f_locals.get("self")
+    return id(cond._lock) if isinstance(cond, threading.Condition) else None  # type: ignore[attr-defined]
 
 
 def _protected(regs: list[Any]) -> dict[int, str]:
@@ -440,49 +451,15 @@ class _Candidate:
 def _candidates(notes: list[str], regs: list[Any]) -> list[_Candidate]:
     """Every lock to check, most descriptive container first (a Queue before the
     Conditions built on its mutex)."""
-    logging = sys.modules.get("logging")
-    handler_type = logging.Handler if logging is not None else ()
     queues: list[_Candidate] = []
     others: list[_Candidate] = []
-    files: list[_Candidate] = []
     files_ok = _files_checkable(notes)
-    for std in ("stdin", "stdout", "stderr"):
-        f = getattr(sys, std)
-        buffer = getattr(f, "buffer", f)
-        if files_ok and isinstance(buffer, _BUFFERED):
-            fix = f"forkguard.register(sys.{std})"
-            files.append(_Candidate(buffer, f, f"sys.{std}'s buffer", fix))
+    files = _std_files() if files_ok else []
+    classify = _classifier(files_ok)
     for obj in gc.get_objects():
-        # type(), not isinstance(): isinstance() reads __class__, which a lazy proxy
-        # answers by evaluating its target.  Objects half made (an __init__ still
-        # running, or skipped by a subclass) lack their lock: passed over.
-        cls = type(obj)
-        try:
-            if issubclass(cls, queue.Queue):
-                name = _short(obj)
-                fix = f"forkguard.register({name})"
-                queues.append(_Candidate(obj.mutex, obj, f"the mutex of {name}", fix))
-            elif issubclass(cls, handler_type):
-                lock = obj.lock
-                if lock is not None:
-                    name = _short(obj)
-                    fix = f"forkguard.register(handler.lock)  # handler = {name}"
-                    # logging (3.8+) re-creates the locks of the handlers made through
-                    # Handler.__init__ in a forked child.
-                    repaired = obj in getattr(logging, "_at_fork_reinit_lock_weakset", ())
-                    why = "CPython's logging re-creates it in a forked child" if repaired else None
-                    others.append(_Candidate(lock, obj, f"the lock of {name}", fix, why))
-            elif issubclass(cls, (threading.Condition, threading.Semaphore, threading.Event)):
-                lock = obj._lock if issubclass(cls, threading.Condition) else obj._cond._lock
-                name = _short(obj)
-                fix = f"forkguard.register({name})"
-                others.append(_Candidate(lock, obj, f"the lock of {name}", fix))
-            elif files_ok and issubclass(cls, _BUFFERED):
-                name = _short(obj)
-                fix = f"forkguard.register(f)  # f = {name}"
-                files.append(_Candidate(obj, obj, f"the buffer lock of {name}", fix))
-        except AttributeError:
-            continue
+        c = classify(obj)
+        if c is not None:
+            (queues if isinstance(c.container, queue.Queue) else others).append(c)
     protect = sys.modules.get("forkguard._protect")
     tracked = [
         _Candidate(lock, lock, repr(lock), "forkguard.register(lock)")
@@ -495,7 +472,64 @@ def _candidates(notes: list[str], regs: list[Any]) -> list[_Candidate]:
         for lock in _locks_of(reg.target)
         if lock is not None
     ]
-    return [*queues, *others, *files, *tracked, *registered]
+    return [*queues, *files, *others, *tracked, *registered]
+
+
+def _std_files() -> list[_Candidate]:
+    """sys.stdin's, sys.stdout's and sys.stderr's buffers (the caller has checked that
+    buffered files can be read)."""
+    out = []
+    for std in ("stdin", "stdout", "stderr"):
+        f = getattr(sys, std)
+        buffer = getattr(f, "buffer", f)
+        if isinstance(buffer, _BUFFERED):
+            fix = f"forkguard.register(sys.{std})"
+            out.append(_Candidate(buffer, f, f"sys.{std}'s buffer", fix))
+    return out
+
+
+def _classifier(files_ok: bool) -> Any:
+    """A function: object -> the _Candidate for the lock inside it, or None (for the
+    queues, logging handlers, conditions, semaphores, events and buffered files)."""
+    logging = sys.modules.get("logging")
+    handler_type = getattr(logging, "Handler", ())  # (missing while logging is imported)
+    reinit = getattr(logging, "_at_fork_reinit_lock_weakset", ())
+    files = _BUFFERED if files_ok else ()
+    waitable = (threading.Condition, threading.Semaphore, threading.Event)
+
+    def classify(obj: object) -> _Candidate | None:
+        # type(), not isinstance(): isinstance() reads __class__, which a lazy proxy
+        # answers by evaluating its target.  Objects half made (an __init__ still
+        # running, or skipped by a subclass) lack their lock: passed over.
+        cls = type(obj)
+        try:
+            if issubclass(cls, queue.Queue):
+                name = _short(obj)
+                fix = f"forkguard.register({name})"
+                return _Candidate(obj.mutex, obj, f"the mutex of {name}", fix)  # type: ignore[attr-defined]
+            if issubclass(cls, handler_type):
+                lock = obj.lock  # type: ignore[attr-defined]
+                if lock is None:
+                    return None
+                name = _short(obj)
+                fix = f"forkguard.register(handler.lock)  # handler = {name}"
+                # logging (3.8+) re-creates the locks of the handlers made through
+                # Handler.__init__ in a forked child.
+                why = "CPython's logging re-creates it in a forked child" if obj in reinit else None
+                return _Candidate(lock, obj, f"the lock of {name}", fix, why)
+            if issubclass(cls, waitable):
+                lock = obj._lock if issubclass(cls, threading.Condition) else obj._cond._lock  # type: ignore[attr-defined]
+                name = _short(obj)
+                return _Candidate(lock, obj, f"the lock of {name}", f"forkguard.register({name})")
+            if issubclass(cls, files):
+                name = _short(obj)
+                fix = f"forkguard.register(f)  # f = {name}"
+                return _Candidate(obj, obj, f"the buffer lock of {name}", fix)
+        except AttributeError:
+            pass
+        return None
+
+    return classify
 
 
 _BUFFERED = (io.BufferedWriter, io.BufferedReader, io.BufferedRandom)

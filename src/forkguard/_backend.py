@@ -84,6 +84,7 @@ class Backend(Protocol):
     def sem_value(self, address: int) -> int: ...
     def sem_value_max(self) -> int: ...
     def mutex_owner(self, handle: int) -> int | None: ...
+    def mutex_fields(self) -> tuple[int, int] | None: ...
     def handles(self) -> list[int]: ...
     def last_fork_timeouts(self) -> int: ...
     def count(self) -> int: ...
@@ -266,6 +267,14 @@ class NativeBackend:
         rc = self._lib.fg_mutex_owner(handle, out)
         return int(out[0]) if rc == self._ok else None
 
+    def mutex_fields(self) -> tuple[int, int] | None:
+        """(offset of a mutex's lock word, offset of its owner's thread id) where the C
+        library's layout is known and checked, else None (forkguard.watch() reads it)."""
+        lock_at, owner_at = self._ffi.new("size_t *"), self._ffi.new("size_t *")
+        if self._lib.fg_mutex_fields(lock_at, owner_at) != self._ok:
+            return None
+        return int(lock_at[0]), int(owner_at[0])
+
     def sem_value(self, address: int) -> int:
         ffi, lib = self._ffi, self._lib
         out = ffi.new("unsigned int *")
@@ -377,6 +386,9 @@ class NoForkBackend:
         return 0
 
     def mutex_owner(self, handle: int) -> int | None:
+        return None
+
+    def mutex_fields(self) -> tuple[int, int] | None:
         return None
 
     def sem_value_max(self) -> int:

@@ -276,6 +276,17 @@ def _idle(obj: object, lay: _Layout) -> bool:
     return True
 
 
+def lock_taken(obj: object) -> bool:
+    """True if the C lock of buffered object `obj` is taken.  Its owner field can lag
+    behind the lock: a thread that got the lock while waiting without the GIL sets
+    its owner only once it has the GIL back, and a fork can come in between."""
+    lock = ctypes.c_void_p.from_address(id(obj) + layout().lock).value
+    if not lock or not _try_lock(lock, 0):
+        return bool(lock)
+    _unlock(lock)
+    return False
+
+
 Outcome = Literal["reset", "idle", "inside", "closed"]
 
 

@@ -6,9 +6,18 @@ import argparse
 import os
 import runpy
 import sys
+from collections.abc import Callable
 
 
-def run(module: str | None, target: list[str], *, parser: argparse.ArgumentParser) -> int:
+def run(
+    module: str | None,
+    target: list[str],
+    *,
+    parser: argparse.ArgumentParser,
+    setup: Callable[[], object] | None = None,
+) -> int:
+    """Run `module` (-m) or the script `target[0]` with the rest as its arguments, as
+    python would, after ``setup()`` (by default ``forkguard.protect()``)."""
     if module is None and not target:
         parser.error("give a script to run, or -m module")
     if module is not None:
@@ -21,9 +30,11 @@ def run(module: str | None, target: list[str], *, parser: argparse.ArgumentParse
         # As python script.py does: the script's folder comes first on sys.path.
         sys.path[0] = os.path.dirname(os.path.abspath(script))
 
-    import forkguard
+    if setup is None:
+        import forkguard
 
-    forkguard.protect()
+        setup = forkguard.protect
+    setup()
     try:
         if module is not None:
             runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -1,0 +1,837 @@
+"""``forkguard.watch()``: a forked child that hangs on a lock says which lock, and who held it.
+
+Switched on, each fork does this:
+
+- **In the parent, before the fork**: the locks ``audit()`` looks at (queues,
+  conditions, semaphores, events, logging handlers' locks, buffered files,
+  ``sys.std*``) that are held are recorded, each with the thread holding it (or, for a
+  plain ``Lock``, the one other thread whose stack refers to it) and that thread's
+  stack as (file, line, function) entries; so is the list of Python threads and
+  whether any other thread (native ones included, on Linux) was alive.  The locks to
+  check are found by one scan of the live objects in ``watch()``, then kept up to
+  date by a look at the young objects (those made since the last garbage
+  collection) at each collection and at each fork.  With nothing held, a fork costs
+  that look and a loop over the known locks.
+- **In the child**, if the parent had another thread at the fork, a watchdog thread
+  (a bare ``_thread``, which ``threading`` does not list) samples where the forking
+  thread is.  When it has not moved for ``timeout`` seconds, the watchdog looks for
+  what it waits on, and reports only what it can name:
+
+  1. a lock held at the fork and still held, which one of its innermost frames
+     refers to (``Queue.put`` has the queue as ``self``);
+  2. a buffered file held at the fork and still held, when its current line calls
+     ``print`` or a file method;
+  3. on Linux, the futex the kernel says it waits on, read as a pthread mutex (where
+     ``fg_mutex_fields`` vouches for the C library's layout) whose owner was a
+     thread of the parent: an extension's lock nobody registered.
+
+  The report goes to file descriptor 2 directly (``sys.stderr``'s own lock may be the
+  one held).  ``action="exit"`` then ends the child with ``HANG_EXIT_STATUS``.
+
+A child that does not hang is left alone: same output, same exit status.  The
+watchdog stops before the child forks in turn (and starts again after), so it never
+makes Python warn about forking a multi-threaded process.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import gc
+import math
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from forkguard import HANG_EXIT_STATUS, _audit
+
+ACTIONS = ("report", "exit")
+_STACK_FRAMES = 12  # recorded of a holder's stack at the fork, innermost first
+_NEAR_FRAMES = 6  # innermost frames of a stuck thread searched for the lock
+_MAX_SAMPLE = 0.5  # seconds between two looks at the child's thread, at most
+_HOLD_GIL = 0.5  # the switch interval from a fork's record to the fork itself
+# The futex system call's number, where the watchdog knows it.
+_FUTEX = {"x86_64": 202, "aarch64": 98, "arm64": 98}
+# Names on a stuck line that say it is writing or reading a file.
+_IO_NAMES = frozenset(
+    [
+        "print",
+        "input",
+        "write",
+        "writelines",
+        "flush",
+        "read",
+        "readline",
+        "readlines",
+        "readinto",
+        "close",
+        "seek",
+        "truncate",
+        "peek",
+    ]
+)
+
+
+class Watch:
+    """What ``forkguard.watch()`` returned: its settings, and ``stop()``."""
+
+    __slots__ = ("_on_fork", "_on_hang", "action", "timeout")
+
+    def __init__(
+        self,
+        timeout: float,
+        action: str,
+        on_fork: Callable[[], None] | None = None,
+        on_hang: Callable[[Finding], None] | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.action = action
+        self._on_fork = on_fork  # python -m forkguard doctor: an audit at each fork
+        self._on_hang = on_hang  # python -m forkguard doctor: keeps each finding
+
+    @property
+    def active(self) -> bool:
+        return _current is self
+
+    def stop(self) -> None:
+        """Switch watching off: later forks record nothing and start no watchdog (a
+        child's running watchdog keeps watching that child)."""
+        global _current
+        with _setup_lock:
+            if _current is self:
+                _current = None
+                _set_gc_callback(False)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "stopped"
+        return f"<forkguard.Watch timeout={self.timeout} action={self.action!r} {state}>"
+
+
+_current: Watch | None = None
+_hooked = False
+_setup_lock = _thread.allocate_lock()  # watch() and stop(); never taken at a fork
+
+
+def watch(
+    timeout: float = 5.0,
+    action: str = "report",
+    *,
+    on_fork: Callable[[], None] | None = None,
+    on_hang: Callable[[Finding], None] | None = None,
+) -> Watch:
+    global _current, _hooked
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"watch(): timeout must be a number of seconds, not {type(timeout).__name__}"
+        )
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"watch(): timeout must be a finite number > 0, not {timeout!r}")
+    if action not in ACTIONS:
+        raise ValueError(f"watch(): action must be 'report' or 'exit', not {action!r}")
+    handle = Watch(float(timeout), action, on_fork, on_hang)
+    if not hasattr(os, "register_at_fork"):  # Windows: nothing forks
+        return handle
+    with _setup_lock:
+        if not _hooked:
+            # Child and parent phases first: a fork that starts meanwhile must not
+            # find a record nobody clears.
+            os.register_at_fork(after_in_child=_after_in_child)
+            os.register_at_fork(after_in_parent=_after_in_parent)
+            os.register_at_fork(before=_before)
+            _hooked = True
+        if _current is None:
+            _learn_std_files()
+            _learn(gc.get_objects())
+            _set_gc_callback(True)
+        _current = handle
+    return handle
+
+
+# ------------------------------------------------------------ the locks to check
+
+
+class _Known:
+    """A lock to check at each fork, held weakly, with what the report says of it."""
+
+    __slots__ = ("container", "fix", "lock", "what")
+
+    def __init__(self, c: Any) -> None:
+        self.lock = weakref.ref(c.lock)
+        self.container = weakref.ref(c.container)
+        self.what: str = c.what
+        self.fix: str = c.fix
+
+
+_known: dict[int, _Known] = {}  # id(lock) -> what is known of it
+_kinds: dict[type, bool] = {}  # type -> may hold a lock to check
+_kind_key: object = None  # what _kinds was made for (logging imported or not)
+
+
+def _candidate_types() -> tuple[type, ...]:
+    handler = getattr(sys.modules.get("logging"), "Handler", None)  # (None: mid-import)
+    return (
+        __import__("queue").Queue,
+        threading.Condition,
+        threading.Semaphore,
+        threading.Event,
+        *_audit._BUFFERED,
+        *((handler,) if handler is not None else ()),
+    )
+
+
+def _learn(objects: list[Any]) -> None:
+    """Add the locks inside `objects` (those audit() looks at) to the ones checked at
+    each fork.  Types are sorted once each, so a look at young objects stays cheap."""
+    global _kind_key
+    types = _candidate_types()
+    if types != _kind_key or len(_kinds) > 10_000:
+        _kinds.clear()
+        _kind_key = types
+    classify = None
+    for obj in objects:
+        cls = type(obj)
+        kind = _kinds.get(cls)
+        if kind is None:
+            kind = _kinds[cls] = issubclass(cls, types)
+        if not kind:
+            continue
+        if classify is None:
+            classify = _audit._classifier(_files_ok())
+        c = classify(obj)
+        if c is None or c.repaired_by is not None:
+            continue
+        _remember(c)
+
+
+def _remember(c: Any) -> None:
+    old = _known.get(id(c.lock))
+    # A queue names its mutex better than the conditions built on it.
+    if old is not None and old.lock() is c.lock and not _is_queue(c.container):
+        return
+    with contextlib.suppress(TypeError):  # takes no weak reference: not checked
+        _known[id(c.lock)] = _Known(c)
+
+
+def _is_queue(obj: object) -> bool:
+    return issubclass(type(obj), __import__("queue").Queue)
+
+
+def _learn_std_files() -> None:
+    if _files_ok():
+        for c in _audit._std_files():
+            _remember(c)
+
+
+_files_checked: bool | None = None
+
+
+def _files_ok() -> bool:
+    global _files_checked
+    if _files_checked is None:
+        _files_checked = _audit._files_checkable([])
+    return _files_checked
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    # The young objects, before this collection moves them on: every object that
+    # lives through a collection is looked at once.
+    if phase == "start":
+        _learn(gc.get_objects(0))
+        _learn_std_files()
+
+
+def _set_gc_callback(on: bool) -> None:
+    if on and _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
+    elif not on and _on_gc in gc.callbacks:
+        gc.callbacks.remove(_on_gc)
+
+
+# ------------------------------------------------------------ at the fork
+
+Frame = tuple[str, int, str]  # (file, line, module-qualified function)
+
+# Modules whose methods take the locks of the objects they are called on: a frame
+# of theirs tells, by its `self`, which object's lock its thread may hold.
+_LOCK_TAKERS = frozenset(
+    m.__file__ for m in (threading, __import__("queue")) if getattr(m, "__file__", None)
+)
+
+
+class ThreadAtFork:
+    """A thread of the parent as it was at the fork."""
+
+    __slots__ = ("ident", "name", "native_id", "released", "selves", "stack")
+
+    def __init__(
+        self, ident: int | None, name: str | None, native_id: int | None, frame: Any
+    ) -> None:
+        self.ident = ident
+        self.name = name
+        self.native_id = native_id
+        self.stack: list[tuple[Any, int]] = []  # (code, line), innermost first
+        self.selves: set[int] = set()  # ids of the objects its lock-taking frames work on
+        self.released = _audit._released(frame) if frame is not None else None
+        depth = 0
+        while frame is not None and depth < _STACK_FRAMES:
+            code = frame.f_code
+            self.stack.append((code, frame.f_lineno))
+            taker = code.co_filename in _LOCK_TAKERS or _is_logging(code.co_filename)
+            if taker and code.co_argcount and code.co_varnames[0] == "self":
+                self.selves.add(id(frame.f_locals.get("self")))
+            frame, depth = frame.f_back, depth + 1
+
+
+def _is_logging(filename: str) -> bool:
+    return "logging" in filename and filename.endswith(("__init__.py", "handlers.py"))
+
+
+class Record:
+    """What the parent saw just before one fork: its threads, their stacks and the
+    objects their lock-taking frames work on.  Which locks were held is read in the
+    child, where it is exact (a thread can still move between this record and the
+    fork)."""
+
+    __slots__ = ("forker", "held", "others", "parent", "switch", "threads")
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+        self.forker = _thread.get_ident()
+        # Linux counts native threads too; stat() lets other threads run, so it
+        # comes before the stacks are read.
+        native = _native_threads()
+        frames = sys._current_frames()
+        self.threads = [
+            ThreadAtFork(t.ident, t.name, t.native_id, frames.get(t.ident or 0))
+            for t in threading.enumerate()
+            if t.ident != self.forker  # (the child's own thread)
+        ]
+        self.others = bool(self.threads) or native > 1
+        self.held: list[Held] = []  # filled in the child
+        self.switch = 0.0  # sys.getswitchinterval() before the fork
+
+
+class Held:
+    """A lock held at the fork by a thread other than the forking one."""
+
+    __slots__ = ("holders", "how", "known", "lock_type")
+
+    def __init__(
+        self, known: _Known, lock_type: str, holders: list[ThreadAtFork], how: str
+    ) -> None:
+        self.known = known
+        self.lock_type = lock_type
+        self.holders = holders
+        # "recorded" by the lock; "inferred": the one thread working on its owner;
+        # "one of": several were; "unknown": none was
+        self.how = how
+
+
+def _native_threads() -> int:
+    """The kernel's count of this process's threads (Linux: /proc's task folder has
+    one link per thread, plus two); 0 where it cannot tell."""
+    try:
+        return os.stat("/proc/self/task").st_nlink - 2
+    except OSError:
+        return 0
+
+
+_record: Record | None = None  # set before a fork, taken by the child
+
+
+def _before() -> None:
+    global _record
+    if _dog is not None:
+        _dog.pause()
+    w = _current
+    if w is None:
+        return
+    if w._on_fork is not None:
+        w._on_fork()
+    _learn(gc.get_objects(0))  # made since the last collection
+    _record = Record()
+    # The threads' stacks are read; a thread that runs before the fork can move on
+    # and take a lock.  A long switch interval keeps the GIL with this thread until
+    # the fork (a thread already waiting for the GIL may still ask for it once).
+    _record.switch = sys.getswitchinterval()
+    sys.setswitchinterval(_HOLD_GIL)
+
+
+def _held_at_fork(rec: Record) -> list[Held]:
+    """In the child, right after the fork: the known locks still held, each with the
+    parent's thread that held it (as recorded by the lock, or the one thread working
+    on its owner, not waiting)."""
+    out = []
+    by_ident = {t.ident: t for t in rec.threads}
+    for key, known in list(_known.items()):
+        lock = known.lock()
+        if lock is None:
+            del _known[key]
+            continue
+        state = held_now(lock)
+        if state is None:
+            continue
+        lock_type, owner = state
+        if owner == rec.forker:  # the child's own thread holds it: not a stray
+            continue
+        if owner is not None:
+            # (a thread threading does not list: started with _thread, say)
+            holder = by_ident.get(owner) or ThreadAtFork(owner, None, None, None)
+            out.append(Held(known, lock_type, [holder], "recorded"))
+            continue
+        related = _related_ids(known)
+        matches = [t for t in rec.threads if t.released != id(lock) and t.selves & related]
+        how = "unknown" if not matches else "inferred" if len(matches) == 1 else "one of"
+        out.append(Held(known, lock_type, matches, how))
+    return out
+
+
+def held_now(lock: Any) -> tuple[str, int | None] | None:
+    """(its type, its holder's ident or None) if `lock` is taken, told by trying it:
+    ``locked()`` and a recorded owner lag behind a lock taken by a thread that waited
+    for it without the GIL and had not got the GIL back by the fork.  Only for a
+    child (or a lock nobody else waits for): a taken lock is given back at once."""
+    state = _audit._held_by(lock)
+    if isinstance(lock, _audit._BUFFERED):
+        from forkguard import _cpython_io
+
+        if state is None and _cpython_io.lock_taken(lock):
+            return "the file's C buffer lock", None
+        return state
+    if state is not None:
+        return state
+    acquire = getattr(lock, "acquire", None)
+    if acquire is None or acquire(False):
+        if acquire is not None:
+            lock.release()
+        return None
+    return type(lock).__qualname__, None
+
+
+def _frames_of(frame: Any) -> list[Frame]:
+    """A thread's stack now, outermost first, its innermost _STACK_FRAMES frames."""
+    stack: list[tuple[Any, int]] = []
+    while frame is not None and len(stack) < _STACK_FRAMES:
+        stack.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+    return _named(stack)
+
+
+def _program_frames(stack: list[Frame]) -> list[Frame]:
+    """`stack` without the frames of ``python -m forkguard doctor/run`` and runpy
+    around the program."""
+    for i in range(len(stack) - 1, -1, -1):
+        function = stack[i][2]
+        if function.startswith(("runpy.", "?._run_code", "forkguard._run.")):
+            return stack[i + 1 :]
+    return stack
+
+
+def _named(stack: list[tuple[Any, int]]) -> list[Frame]:
+    """(code, line) entries, innermost first, as (file, line, module.function),
+    outermost first."""
+    modules: dict[str, str] = {}
+    for name, loaded in list(sys.modules.items()):
+        path = getattr(loaded, "__file__", None)
+        if isinstance(path, str):
+            modules.setdefault(path, name)
+    out = []
+    for code, line in reversed(stack):
+        module = modules.get(code.co_filename, "?")
+        out.append((code.co_filename, line, f"{module}.{_qualname(code)}"))
+    return out
+
+
+def _qualname(code: Any) -> str:
+    return str(getattr(code, "co_qualname", code.co_name))  # co_qualname: 3.11+
+
+
+def _after_in_parent() -> None:
+    global _record
+    if _record is not None:
+        sys.setswitchinterval(_record.switch)
+    _record = None
+    if _dog is not None:
+        _dog.start()
+
+
+def _after_in_child() -> None:
+    global _record, _dog, _setup_lock
+    rec, _record = _record, None
+    _dog = None  # a watchdog of the parent's did not come along
+    _setup_lock = _thread.allocate_lock()
+    w = _current
+    if rec is not None:
+        sys.setswitchinterval(rec.switch)
+    if w is None or rec is None:
+        return
+    rec.held = _held_at_fork(rec)
+    if rec.others or rec.held:
+        _dog = _Watchdog(w, rec)
+        _dog.start()
+
+
+# ------------------------------------------------------------ in the child
+
+
+class _Watchdog:
+    """The child's thread that notices its forking thread has stopped moving."""
+
+    __slots__ = (
+        *("done", "frame", "lasti", "main", "native", "next_look", "record", "reported"),
+        *("since", "stop_", "watch"),
+    )
+
+    def __init__(self, watch: Watch, record: Record) -> None:
+        self.watch = watch
+        self.record = record
+        self.main = _thread.get_ident()  # called in the child's only thread
+        self.native = threading.get_native_id()
+        self.frame: Any = None
+        self.lasti = -1
+        self.since = self.next_look = 0.0
+        self.reported: set[tuple[str, str]] = set()
+
+    def start(self) -> None:
+        self.stop_ = _thread.allocate_lock()
+        self.stop_.acquire()
+        self.done = _thread.allocate_lock()
+        self.done.acquire()
+        self.frame = None
+        _thread.start_new_thread(self._run, ())
+
+    def pause(self) -> None:
+        """Stop the thread and wait for it to end (before this child forks)."""
+        self.stop_.release()
+        self.done.acquire(timeout=5.0)
+
+    def _run(self) -> None:
+        try:
+            interval = min(self.watch.timeout / 5, _MAX_SAMPLE)
+            while not self.stop_.acquire(timeout=interval):
+                self._sample()
+        except Exception as exc:  # never let the watchdog disturb the child
+            _write(f"forkguard.watch: the watchdog stopped: {exc!r}\n")
+        finally:
+            self.done.release()
+
+    def _sample(self) -> None:
+        frame = sys._current_frames().get(self.main)
+        if frame is None:
+            return
+        now = time.monotonic()
+        if frame is not self.frame or frame.f_lasti != self.lasti:
+            self.frame, self.lasti, self.since = frame, frame.f_lasti, now
+            return
+        blocked = now - self.since
+        if blocked < self.watch.timeout or now < self.next_look:
+            return
+        finding = diagnose(self.record, frame, self.native, blocked)
+        self.next_look = now + self.watch.timeout  # nothing named: look again later
+        if finding is None or finding.key in self.reported:
+            return
+        self.reported.add(finding.key)
+        _write(str(finding) + "\n")
+        if self.watch._on_hang is not None:
+            self.watch._on_hang(finding)
+        if self.watch.action == "exit":
+            os._exit(HANG_EXIT_STATUS)
+
+
+_dog: _Watchdog | None = None  # this child's watchdog
+
+
+def _write(text: str) -> None:
+    """To file descriptor 2, whole, without sys.stderr (its lock may be the one held)."""
+    data = text.encode("utf-8", "replace")
+    while data:
+        try:
+            data = data[os.write(2, data) :]
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+
+
+class Finding:
+    """A hung child: where it is stuck, on which lock, who held that lock at the fork."""
+
+    __slots__ = (
+        *("blocked", "created", "fix", "holders", "how", "lock_type", "parent", "pid"),
+        *("stuck", "what"),
+    )
+
+    def __init__(
+        self,
+        what: str,
+        lock_type: str,
+        holders: list[dict[str, Any]],
+        how: str,
+        fix: str,
+        stuck: list[Frame],
+        parent: int,
+        blocked: float,
+        created: list[Frame] | None = None,
+    ) -> None:
+        self.pid = os.getpid()
+        self.parent = parent
+        self.what = what
+        self.lock_type = lock_type
+        self.holders = holders  # each: name, ident, native_id, python, stack_at_fork
+        self.how = how  # see Held.how
+        self.fix = fix
+        self.stuck = stuck
+        self.blocked = blocked
+        self.created = created  # where the lock's owner was made (tracemalloc)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The cause: the same lock held by the same thread(s) is one cause."""
+        return (self.what, ", ".join(str(h["name"]) for h in self.holders))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "parent_pid": self.parent,
+            "blocked_seconds": round(self.blocked, 3),
+            "stuck_at": _lines(self.stuck),
+            "lock": {"what": self.what, "type": self.lock_type, "created_at": _lines(self.created)},
+            "holders": [{**h, "stack_at_fork": _lines(h["stack_at_fork"])} for h in self.holders],
+            "holder_known": self.how,
+            "fix": self.fix,
+        }
+
+    def __str__(self) -> str:
+        out = [
+            f"forkguard.watch: child process {self.pid} (forked from {self.parent}) has been "
+            f"stuck for {self.blocked:.1f} s on a lock that was held when it was forked",
+            "  stuck at (innermost last):",
+            *_indent(_lines(self.stuck), 4),
+            f"  waiting for: {self.what} ({self.lock_type})",
+        ]
+        if self.created:
+            out += ["    created at:", *_indent(_lines(self.created), 6)]
+        out.append(f"  held at the fork by {_how_text(self.how, self.parent)}")
+        for h in self.holders:
+            kind = "thread" if h["python"] else "native thread"
+            ident = f"ident {h['ident']}, " if h["ident"] is not None else ""
+            out.append(f"    {kind} {h['name']!r} ({ident}native id {h['native_id']})")
+            if h["stack_at_fork"]:
+                out.append("      which was at (innermost last):")
+                out += _indent(_lines(h["stack_at_fork"]), 8)
+        out.append(f"  fix: {self.fix}")
+        return "\n".join(out)
+
+
+def _how_text(how: str, parent: int) -> str:
+    return {
+        "recorded": f"(as the lock records) this thread of process {parent}:",
+        "inferred": (
+            f"this thread of process {parent} (a plain Lock keeps no owner: this was the one "
+            "thread working on the lock's owner then):"
+        ),
+        "one of": (
+            f"one of these threads of process {parent} (a plain Lock keeps no owner: each was "
+            "working on the lock's owner then):"
+        ),
+    }.get(how, f"a thread of process {parent} that the lock does not record")
+
+
+def _holder(t: ThreadAtFork, python: bool = True) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "ident": t.ident,
+        "native_id": t.native_id,
+        "python": python,
+        "stack_at_fork": _named(t.stack),
+    }
+
+
+def _lines(frames: list[Frame] | None) -> list[str]:
+    import linecache
+
+    out = []
+    for filename, line, function in frames or ():
+        out.append(f'File "{filename}", line {line}, in {function}')
+        source = linecache.getline(filename, line).strip()
+        if source:
+            out.append(f"  {source}")
+    return out
+
+
+def _indent(lines: list[str], n: int) -> list[str]:
+    return [" " * n + line for line in lines]
+
+
+def diagnose(record: Record, frame: Any, native_id: int, blocked: float) -> Finding | None:
+    """What the thread stopped at `frame` waits on, if it is a lock held at the fork
+    (see the module's docstring for the three ways it is told); None otherwise."""
+    stuck = _program_frames(_frames_of(frame))
+    still = []
+    for held in record.held:
+        lock = held.known.lock()
+        if lock is not None and held_now(lock) is not None:
+            still.append(held)
+    near = _near_ids(frame)
+    for held in still:
+        if _related_ids(held.known) & near:
+            return _finding(record, held, stuck, blocked)
+    if _calls_io(frame):
+        files = [h for h in still if isinstance(h.known.lock(), _audit._BUFFERED)]
+        if files:
+            return _finding(record, files[0], stuck, blocked)
+    return _futex_finding(record, native_id, stuck, blocked)
+
+
+def _near_ids(frame: Any) -> set[int]:
+    """ids of the local variables of the innermost frames (module frames passed
+    over: their locals are the module's globals)."""
+    ids: set[int] = set()
+    for _ in range(_NEAR_FRAMES):
+        if frame is None:
+            break
+        scope = frame.f_locals
+        if scope is not frame.f_globals:
+            ids.update(id(v) for v in scope.values())
+        frame = frame.f_back
+    return ids
+
+
+def _related_ids(known: _Known) -> set[int]:
+    """The lock and the objects built on it that a frame taking it would hold."""
+    lock, container = known.lock(), known.container()
+    ids = {id(lock), id(container)}
+    for name in ("not_empty", "not_full", "all_tasks_done", "_cond", "buffer"):
+        inner = getattr(container, name, None)
+        if inner is not None:
+            ids.add(id(inner))
+    return ids
+
+
+def _calls_io(frame: Any) -> bool:
+    """True if the line `frame` stopped at calls print() or a file method by name."""
+    import dis
+
+    line = frame.f_lineno
+    current = None
+    try:
+        instructions = list(dis.get_instructions(frame.f_code))
+    except Exception:  # a code object dis cannot read: not told
+        return False
+    for ins in instructions:
+        if hasattr(ins, "line_number"):  # 3.13+: starts_line is a bool
+            current = getattr(ins, "line_number")  # noqa: B009 (not in 3.10-3.12's stubs)
+        elif ins.starts_line is not None:
+            current = ins.starts_line
+        if current == line and ins.opname in _LOADS and ins.argval in _IO_NAMES:
+            return True
+    return False
+
+
+_LOADS = frozenset(("LOAD_GLOBAL", "LOAD_NAME", "LOAD_ATTR", "LOAD_METHOD"))
+
+
+def _finding(record: Record, held: Held, stuck: list[Frame], blocked: float) -> Finding:
+    fix = f"{held.known.fix}, or forkguard.protect() (python -m forkguard run) for every lock"
+    holders = [_holder(t) for t in held.holders]
+    return Finding(
+        held.known.what,
+        held.lock_type,
+        holders,
+        held.how,
+        fix,
+        stuck,
+        record.parent,
+        blocked,
+        _created(held.known.container()),
+    )
+
+
+def _created(obj: object) -> list[Frame] | None:
+    """Where `obj` was made, if tracemalloc traced it."""
+    tracemalloc = sys.modules.get("tracemalloc")
+    if tracemalloc is None or not tracemalloc.is_tracing() or obj is None:
+        return None
+    trace = tracemalloc.get_object_traceback(obj)
+    if trace is None:
+        return None
+    return [(f.filename, f.lineno, "") for f in trace]
+
+
+def _futex_finding(
+    record: Record, native_id: int, stuck: list[Frame], blocked: float
+) -> Finding | None:
+    """Linux: the futex the thread waits on, if it is a pthread mutex whose owner was a
+    thread of the parent."""
+    found = futex_mutex(native_id)
+    if found is None:
+        return None
+    address, owner = found
+    python = {t.native_id: t for t in record.threads}
+    if owner in python:
+        holder = _holder(python[owner])
+    else:
+        comm = _task_name(record.parent, owner)
+        if comm is None:
+            return None  # no thread of the parent: not a mutex held at the fork
+        holder = {"name": comm, "ident": None, "native_id": owner, "python": False}
+        holder["stack_at_fork"] = []
+    what = f"a pthread mutex at {address:#x} that forkguard does not know"
+    fix = (
+        "register that mutex: forkguard.register(<its cffi or ctypes pointer>) from "
+        "Python, or forkguard_register_mutex() from C (docs/c-api.md)"
+    )
+    return Finding(
+        what, "pthread_mutex_t", [holder], "recorded", fix, stuck, record.parent, blocked
+    )
+
+
+def futex_mutex(native_id: int) -> tuple[int, int] | None:
+    """(the mutex's address, its owner's thread id) if thread `native_id` of this
+    process waits in the kernel on a pthread mutex that records an owner other than
+    this process's threads; None otherwise, or where this cannot be read (not Linux,
+    an unknown CPU, a C library whose layout is not checked)."""
+    number = _FUTEX.get(os.uname().machine)
+    if number is None:
+        return None
+    try:
+        with open(f"/proc/self/task/{native_id}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    if len(fields) < 2 or fields[0] != str(number):
+        return None
+    from forkguard import _REGISTRY
+
+    layout = _REGISTRY.backend.mutex_fields()
+    if layout is None:
+        return None
+    lock_at, owner_at = layout
+    word_address = int(fields[1], 16)
+    mutex = word_address - lock_at
+    try:  # /proc/self/mem: an unmapped address is an error here, not a crash
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+        try:
+            word = int.from_bytes(os.pread(fd, 4, word_address), sys.byteorder, signed=True)
+            owner = int.from_bytes(os.pread(fd, 4, mutex + owner_at), sys.byteorder, signed=True)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    # A waited-on mutex has a non-zero lock word (a semaphore or a condition
+    # variable waits on a zero); its owner is no thread of this process.
+    if word == 0 or owner <= 0 or os.path.exists(f"/proc/self/task/{owner}"):
+        return None
+    return mutex, owner
+
+
+def _task_name(pid: int, tid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None

@@ -1,0 +1,146 @@
+"""forkguard.watch(): a child stuck on a lock held at its fork reports it; other
+children are left exactly as they were.  Every child runs under a deadline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import forkguard
+
+DEADLINE = 30
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+
+# A Queue whose _put() stops inside put() (its mutex held) until told to go on: the
+# thread "holder" holds the queue's mutex in queue.Queue.put when the parent forks.
+PROGRAM = """
+import os, queue, sys, threading, warnings
+warnings.simplefilter("ignore", DeprecationWarning)
+import forkguard
+
+class SlowQueue(queue.Queue):
+    def _put(self, item):
+        inside.set()
+        go_on.wait(60)
+        super()._put(item)
+
+inside, go_on = threading.Event(), threading.Event()
+q = SlowQueue()
+{setup}
+threading.Thread(target=q.put, args=(0,), name="holder", daemon=True).start()
+inside.wait(10)
+pid = os.fork()
+if pid == 0:
+    __import__("signal").alarm({child_deadline})
+    go_on.set()  # (the holder's _put() would wait for it otherwise)
+    q.put(1)
+    os.write(1, b"child got through\\n")
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("status", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+"""
+
+
+def run_program(setup: str, child_deadline: int = 20) -> subprocess.CompletedProcess[str]:
+    code = PROGRAM.format(setup=textwrap.dedent(setup), child_deadline=child_deadline)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+def test_without_watch_the_child_hangs_silently() -> None:
+    proc = run_program("", child_deadline=2)
+    assert "status -14" in proc.stdout  # SIGALRM: the deadline ended it
+    assert "forkguard" not in proc.stderr
+
+
+def test_a_stuck_child_reports_the_lock_the_holder_and_the_fix_then_exits() -> None:
+    proc = run_program("forkguard.watch(timeout=0.5, action='exit')")
+    assert f"status {forkguard.HANG_EXIT_STATUS}" in proc.stdout, proc.stderr
+    report = proc.stderr
+    assert "has been stuck for" in report
+    assert "waiting for: the mutex of <__main__.SlowQueue at" in report
+    # the parent's thread that held it, and its stack at the fork
+    assert "thread 'holder'" in report and "this was the one thread" in report
+    assert "in queue.Queue.put" in report or "in queue.put" in report
+    assert "fix: forkguard.register(<__main__.SlowQueue at" in report
+    assert "child got through" not in proc.stdout
+
+
+def test_action_report_leaves_the_child_running() -> None:
+    proc = run_program("forkguard.watch(timeout=0.5)", child_deadline=3)
+    assert "status -14" in proc.stdout  # still stuck after its report: the deadline
+    assert proc.stderr.count("has been stuck for") == 1  # one report, not one per look
+
+
+def test_a_registered_queue_does_not_hang_and_is_not_reported() -> None:
+    proc = run_program("forkguard.register(q)\nforkguard.watch(timeout=0.5, action='exit')")
+    assert "status 0" in proc.stdout and "child got through" in proc.stdout
+    assert "forkguard.watch" not in proc.stderr
+
+
+CLEAN = """
+import os, sys, threading, time, warnings
+warnings.simplefilter("ignore", DeprecationWarning)
+import forkguard
+stop = threading.Event()
+for i in range(3):
+    threading.Thread(target=stop.wait, daemon=True).start()
+{setup}
+pid = os.fork()
+if pid == 0:
+    time.sleep(1.5)  # longer than the watch timeout: a long-lived child that is fine
+    print("child", threading.active_count(), flush=True)
+    grandchild = os.fork()
+    if grandchild == 0:
+        os._exit(5)
+    os._exit(3 + os.WEXITSTATUS(os.waitpid(grandchild, 0)[1]))
+_, status = os.waitpid(pid, 0)
+print("status", os.WEXITSTATUS(status))
+"""
+
+
+def test_children_that_do_not_hang_are_left_as_they_were() -> None:
+    outputs = []
+    for setup in ("", "forkguard.watch(timeout=0.5, action='exit')"):
+        proc = subprocess.run(
+            [sys.executable, "-W", "error::DeprecationWarning", "-c", CLEAN.format(setup=setup)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+        outputs.append((proc.returncode, proc.stdout, proc.stderr))
+    assert outputs[0] == outputs[1] == (0, "child 1\nstatus 8\n", "")
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        forkguard.watch(timeout="5")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="timeout must be a number"):
+        forkguard.watch(timeout=True)
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            forkguard.watch(timeout=bad)
+    with pytest.raises(ValueError, match="action must be 'report' or 'exit', not 'kill'"):
+        forkguard.watch(action="kill")  # type: ignore[arg-type]
+
+
+def test_stop_switches_it_off() -> None:
+    from forkguard import _watch
+
+    handle = forkguard.watch(timeout=1.0)
+    try:
+        assert handle.active and "active" in repr(handle)
+    finally:
+        handle.stop()
+    assert not handle.active and _watch._current is None
+    assert _watch._on_gc not in __import__("gc").callbacks
