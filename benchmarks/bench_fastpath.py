@@ -35,6 +35,13 @@ from common import NATIVE_ENV
 
 LOCKS = 100  # Python locks in the "N locks" variants
 MUTEXES = 1000  # C mutexes in the "C mutexes" variant
+# Ten threads waiting on an event, as idle workers do (forkguard.watch()'s variants).
+THREADS = (
+    "stop = threading.Event()\n"
+    "workers = [threading.Thread(target=stop.wait, daemon=True) for _ in range(10)]\n"
+    "for worker in workers:\n"
+    "    worker.start()\n"
+)
 
 # name -> set-up code run in the variant's process after the realistic imports.
 VARIANTS = {
@@ -44,6 +51,9 @@ VARIANTS = {
     # (where the heap and the allocator's free lists lie when the child writes).
     "control-decimal": "import decimal",
     "control-dataclasses": "import dataclasses",
+    # forkguard.watch(): what it adds to each fork of a process with 10 threads.
+    "threads-10": "import forkguard\n" + THREADS,
+    "watch-threads-10": "import forkguard\n" + THREADS + "handle = forkguard.watch()",
     "hand-queue": (
         "q = queue.Queue()\nos.register_at_fork(after_in_child=q.mutex._at_fork_reinit)"
     ),

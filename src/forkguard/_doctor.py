@@ -135,7 +135,7 @@ def program() -> int:
         with open(os.path.join(events, f"hang-{finding.pid}.json"), "w") as f:
             json.dump(finding.as_dict(), f)
 
-    _watch.watch(timeout, "exit", on_fork=on_fork, on_hang=on_hang)
+    _watch.watch(timeout, "exit", on_fork=on_fork, on_hang=on_hang, every_child=True)
     parser = argparse.ArgumentParser(prog="python -m forkguard doctor")
     argv = sys.argv[1:]
     module, target = (argv[1], argv[2:]) if argv[:1] == ["-m"] else (None, argv)

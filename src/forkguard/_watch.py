@@ -2,20 +2,18 @@
 
 Switched on, each fork does this:
 
-- **In the parent, before the fork**: the locks ``audit()`` looks at (queues,
-  conditions, semaphores, events, logging handlers' locks, buffered files,
-  ``sys.std*``) that are held are recorded, each with the thread holding it (or, for a
-  plain ``Lock``, the one other thread whose stack refers to it) and that thread's
-  stack as (file, line, function) entries; so is the list of Python threads and
-  whether any other thread (native ones included, on Linux) was alive.  The locks to
-  check are found by one scan of the live objects in ``watch()``, then kept up to
-  date by a look at the young objects (those made since the last garbage
-  collection) at each collection and at each fork.  With nothing held, a fork costs
-  that look and a loop over the known locks.
-- **In the child**, if the parent had another thread at the fork, a watchdog thread
-  (a bare ``_thread``, which ``threading`` does not list) samples where the forking
-  thread is.  When it has not moved for ``timeout`` seconds, the watchdog looks for
-  what it waits on, and reports only what it can name:
+- **In the parent, just before the fork**: each other Python thread's stack (code
+  and line of its innermost frames), and the objects its innermost frames in
+  ``threading``, ``queue`` and ``logging`` work on (their ``self``): who may hold
+  a lock that records no owner.
+- **In the child, right after**: which of the known locks are held, read by trying
+  each (exact: the parent's threads cannot move any more), each with its holder:
+  the owner the lock records (an ``RLock``, a buffered file, a tracked lock), or the
+  one parent thread that was working on the lock's owner.  If a lock was held, or
+  the parent had threads ``threading`` does not know (native ones may hold C locks),
+  a watchdog thread (a bare ``_thread``, which ``threading`` does not list) samples
+  where the forking thread is.  When it has not moved for ``timeout`` seconds, the
+  watchdog looks for what it waits on, and reports only what it can name:
 
   1. a lock held at the fork and still held, which one of its innermost frames
      refers to (``Queue.put`` has the queue as ``self``);
@@ -28,6 +26,12 @@ Switched on, each fork does this:
   The report goes to file descriptor 2 directly (``sys.stderr``'s own lock may be the
   one held).  ``action="exit"`` then ends the child with ``HANG_EXIT_STATUS``.
 
+The known locks are those ``audit()`` looks at (queues, conditions, semaphores,
+events, logging handlers' locks, buffered files, ``sys.std*``): found by one scan
+of the live objects in ``watch()``, then as they are made (``__init__`` of those
+classes, wrapped while watching) and, for files, at each garbage collection.  None
+of that runs at a fork.
+
 A child that does not hang is left alone: same output, same exit status.  The
 watchdog stops before the child forks in turn (and starts again after), so it never
 makes Python warn about forking a multi-threaded process.
@@ -36,7 +40,6 @@ makes Python warn about forking a multi-threaded process.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import gc
 import math
 import os
@@ -48,6 +51,11 @@ from collections.abc import Callable
 from typing import Any
 
 from forkguard import HANG_EXIT_STATUS, _audit
+
+_c_ulong = __import__("ctypes").c_ulong
+_get_ident = _thread.get_ident
+_active = threading._active  # type: ignore[attr-defined]
+_limbo = threading._limbo  # type: ignore[attr-defined]
 
 ACTIONS = ("report", "exit")
 _STACK_FRAMES = 12  # recorded of a holder's stack at the fork, innermost first
@@ -79,7 +87,7 @@ _IO_NAMES = frozenset(
 class Watch:
     """What ``forkguard.watch()`` returned: its settings, and ``stop()``."""
 
-    __slots__ = ("_on_fork", "_on_hang", "action", "timeout")
+    __slots__ = ("_every_child", "_on_fork", "_on_hang", "action", "timeout")
 
     def __init__(
         self,
@@ -87,11 +95,13 @@ class Watch:
         action: str,
         on_fork: Callable[[], None] | None = None,
         on_hang: Callable[[Finding], None] | None = None,
+        every_child: bool = False,
     ) -> None:
         self.timeout = timeout
         self.action = action
         self._on_fork = on_fork  # python -m forkguard doctor: an audit at each fork
         self._on_hang = on_hang  # python -m forkguard doctor: keeps each finding
+        self._every_child = every_child  # the doctor: a watchdog in every child
 
     @property
     def active(self) -> bool:
@@ -101,7 +111,7 @@ class Watch:
         """Switch watching off: later forks record nothing and start no watchdog (a
         child's running watchdog keeps watching that child)."""
         global _current
-        with _setup_lock:
+        with _setup_lock():
             if _current is self:
                 _current = None
                 _set_gc_callback(False)
@@ -113,7 +123,17 @@ class Watch:
 
 _current: Watch | None = None
 _hooked = False
-_setup_lock = _thread.allocate_lock()  # watch() and stop(); never taken at a fork
+_phases: list[bool] = []  # [True] once the parent and child phases are installed
+_setup = (os.getpid(), _thread.allocate_lock())  # for watch() and stop(); not at a fork
+
+
+def _setup_lock() -> Any:
+    """The lock of watch() and stop(), made afresh in a forked child (where another
+    thread may have held the parent's)."""
+    global _setup
+    if _setup[0] != os.getpid():
+        _setup = (os.getpid(), _thread.allocate_lock())
+    return _setup[1]
 
 
 def watch(
@@ -122,6 +142,7 @@ def watch(
     *,
     on_fork: Callable[[], None] | None = None,
     on_hang: Callable[[Finding], None] | None = None,
+    every_child: bool = False,
 ) -> Watch:
     global _current, _hooked
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
@@ -132,18 +153,16 @@ def watch(
         raise ValueError(f"watch(): timeout must be a finite number > 0, not {timeout!r}")
     if action not in ACTIONS:
         raise ValueError(f"watch(): action must be 'report' or 'exit', not {action!r}")
-    handle = Watch(float(timeout), action, on_fork, on_hang)
+    handle = Watch(float(timeout), action, on_fork, on_hang, every_child)
     if not hasattr(os, "register_at_fork"):  # Windows: nothing forks
         return handle
-    with _setup_lock:
+    with _setup_lock():
         if not _hooked:
-            # Child and parent phases first: a fork that starts meanwhile must not
-            # find a record nobody clears.
-            os.register_at_fork(after_in_child=_after_in_child)
-            os.register_at_fork(after_in_parent=_after_in_parent)
+            # The parent and child phases come with the first record (_before).
             os.register_at_fork(before=_before)
             _hooked = True
         if _current is None:
+            _wrap_inits()
             _learn_std_files()
             _learn(gc.get_objects())
             _set_gc_callback(True)
@@ -157,16 +176,38 @@ def watch(
 class _Known:
     """A lock to check at each fork, held weakly, with what the report says of it."""
 
-    __slots__ = ("container", "fix", "lock", "what")
+    __slots__ = ("container", "fix", "lock", "owner", "what")
 
     def __init__(self, c: Any) -> None:
-        self.lock = weakref.ref(c.lock)
+        key = id(c.lock)
+
+        def gone(_: object, forget: Callable[[int, _Known], None] = _forget) -> None:
+            forget(key, self)  # (bound now: module globals are gone at shutdown)
+
+        self.lock = weakref.ref(c.lock, gone)
         self.container = weakref.ref(c.container)
         self.what: str = c.what
         self.fix: str = c.fix
+        # A buffered file: its owner field, read before each fork without touching
+        # the file (its entry goes when it does).
+        self.owner = (
+            _c_ulong.from_address(key + _file_owner_offset())
+            if isinstance(c.lock, _audit._BUFFERED)
+            else None
+        )
+
+
+def _forget(key: int, known: _Known) -> None:
+    for table in (_known, _at_fork):
+        if table is not None and table.get(key) is known:  # (None: at shutdown)
+            del table[key]
 
 
 _known: dict[int, _Known] = {}  # id(lock) -> what is known of it
+# The ones looked at before each fork: all but events' (every Thread has one, and
+# an event's lock is held only for a few lines).  Each costs a fork a page or two
+# written; the rest are read only by a watchdog, in a child already stuck.
+_at_fork: dict[int, _Known] = {}
 _kinds: dict[type, bool] = {}  # type -> may hold a lock to check
 _kind_key: object = None  # what _kinds was made for (logging imported or not)
 
@@ -209,15 +250,48 @@ def _learn(objects: list[Any]) -> None:
 
 def _remember(c: Any) -> None:
     old = _known.get(id(c.lock))
-    # A queue names its mutex better than the conditions built on it.
-    if old is not None and old.lock() is c.lock and not _is_queue(c.container):
+    # A queue, a semaphore, an event name their lock better than the condition
+    # built on it.
+    bare = type(c.container) is threading.Condition
+    if old is not None and old.lock() is c.lock and bare:
         return
-    with contextlib.suppress(TypeError):  # takes no weak reference: not checked
-        _known[id(c.lock)] = _Known(c)
+    try:
+        known = _known[id(c.lock)] = _Known(c)
+    except TypeError:  # takes no weak reference: not checked
+        return
+    if isinstance(c.container, threading.Event):
+        _at_fork.pop(id(c.lock), None)
+    else:
+        _at_fork[id(c.lock)] = known
 
 
-def _is_queue(obj: object) -> bool:
-    return issubclass(type(obj), __import__("queue").Queue)
+def _wrap_inits() -> None:
+    """Learn each queue, condition, semaphore, event and logging handler as it is made
+    (once; the wrappers do nothing while watching is off)."""
+    logging = sys.modules.get("logging")
+    classes = [__import__("queue").Queue, threading.Condition, threading.Semaphore]
+    classes.append(threading.Event)
+    if logging is not None and hasattr(logging, "Handler"):
+        classes.append(logging.Handler)
+    for cls in classes:
+        if cls in _wrapped:
+            continue
+        _wrapped.add(cls)
+        cls.__init__ = _learning_init(cls.__init__)
+
+
+_wrapped: set[type] = set()
+
+
+def _learning_init(init: Callable[..., None]) -> Callable[..., None]:
+    def __init__(self: object, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if _current is not None:
+            _learn([self])
+
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    __init__.__doc__ = init.__doc__
+    return __init__
 
 
 def _learn_std_files() -> None:
@@ -242,6 +316,8 @@ def _on_gc(phase: str, info: dict[str, int]) -> None:
     if phase == "start":
         _learn(gc.get_objects(0))
         _learn_std_files()
+        if "logging" in sys.modules and len(_wrapped) < 5:  # logging came after watch()
+            _wrap_inits()
 
 
 def _set_gc_callback(on: bool) -> None:
@@ -257,8 +333,8 @@ Frame = tuple[str, int, str]  # (file, line, module-qualified function)
 
 # Modules whose methods take the locks of the objects they are called on: a frame
 # of theirs tells, by its `self`, which object's lock its thread may hold.
-_LOCK_TAKERS = frozenset(
-    m.__file__ for m in (threading, __import__("queue")) if getattr(m, "__file__", None)
+_LOCK_TAKERS: frozenset[str] = frozenset(
+    str(m.__file__) for m in (threading, __import__("queue")) if getattr(m, "__file__", None)
 )
 
 
@@ -268,7 +344,12 @@ class ThreadAtFork:
     __slots__ = ("ident", "name", "native_id", "released", "selves", "stack")
 
     def __init__(
-        self, ident: int | None, name: str | None, native_id: int | None, frame: Any
+        self,
+        ident: int | None,
+        name: str | None,
+        native_id: int | None,
+        frame: Any,
+        takers: frozenset[str] = _LOCK_TAKERS,
     ) -> None:
         self.ident = ident
         self.name = name
@@ -280,39 +361,44 @@ class ThreadAtFork:
         while frame is not None and depth < _STACK_FRAMES:
             code = frame.f_code
             self.stack.append((code, frame.f_lineno))
-            taker = code.co_filename in _LOCK_TAKERS or _is_logging(code.co_filename)
-            if taker and code.co_argcount and code.co_varnames[0] == "self":
+            # A lock is taken and held in the innermost frames: only those are read
+            # (a frame's locals cost a fork more than its code and line).
+            near = depth < _SELF_FRAMES and code.co_filename in takers
+            if near and code.co_argcount and code.co_varnames[0] == "self":
                 self.selves.add(id(frame.f_locals.get("self")))
             frame, depth = frame.f_back, depth + 1
 
 
-def _is_logging(filename: str) -> bool:
-    return "logging" in filename and filename.endswith(("__init__.py", "handlers.py"))
+def _takers() -> frozenset[str]:
+    """The files of the modules whose methods take their own objects' locks."""
+    files = [getattr(sys.modules.get(m), "__file__", None) for m in _LOGGING]
+    return _LOCK_TAKERS.union(f for f in files if isinstance(f, str))
+
+
+_LOGGING = ("logging", "logging.handlers")
+_SELF_FRAMES = 4  # innermost frames of each thread whose `self` is recorded at a fork
 
 
 class Record:
-    """What the parent saw just before one fork: its threads, their stacks and the
-    objects their lock-taking frames work on.  Which locks were held is read in the
-    child, where it is exact (a thread can still move between this record and the
-    fork)."""
+    """What the parent saw just before one fork where a child may hang: the known
+    locks taken, each with the thread(s) that held it, and every other thread's
+    stack."""
 
-    __slots__ = ("forker", "held", "others", "parent", "switch", "threads")
+    __slots__ = ("forker", "held", "native", "parent", "switch", "threads")
 
-    def __init__(self) -> None:
+    def __init__(self, taken: list[tuple[_Known, str, int | None]], native: bool) -> None:
         self.parent = os.getpid()
         self.forker = _thread.get_ident()
-        # Linux counts native threads too; stat() lets other threads run, so it
-        # comes before the stacks are read.
-        native = _native_threads()
         frames = sys._current_frames()
+        takers = _takers()
         self.threads = [
-            ThreadAtFork(t.ident, t.name, t.native_id, frames.get(t.ident or 0))
+            ThreadAtFork(t.ident, t.name, t.native_id, frames.get(t.ident or 0), takers)
             for t in threading.enumerate()
             if t.ident != self.forker  # (the child's own thread)
         ]
-        self.others = bool(self.threads) or native > 1
-        self.held: list[Held] = []  # filled in the child
-        self.switch = 0.0  # sys.getswitchinterval() before the fork
+        self.native = native  # threads threading does not know were alive
+        self.held = [_held(self, known, lock_type, owner) for known, lock_type, owner in taken]
+        self.switch = sys.getswitchinterval()
 
 
 class Held:
@@ -333,11 +419,22 @@ class Held:
 
 def _native_threads() -> int:
     """The kernel's count of this process's threads (Linux: /proc's task folder has
-    one link per thread, plus two); 0 where it cannot tell."""
-    try:
-        return os.stat("/proc/self/task").st_nlink - 2
-    except OSError:
-        return 0
+    one link per thread, plus two); 0 where it cannot tell.  Read again at most every
+    _NATIVE_EVERY seconds: threads come and go far less often than a server forks."""
+    global _native_count, _native_at
+    now = _monotonic()
+    if now - _native_at > _NATIVE_EVERY:
+        try:
+            _native_count = os.stat("/proc/self/task").st_nlink - 2
+        except OSError:
+            _native_count = 0
+        _native_at = now
+    return _native_count
+
+
+_native_count, _native_at = 0, -1e9
+_NATIVE_EVERY = 0.5
+_monotonic = time.monotonic
 
 
 _record: Record | None = None  # set before a fork, taken by the child
@@ -352,64 +449,91 @@ def _before() -> None:
         return
     if w._on_fork is not None:
         w._on_fork()
-    _learn(gc.get_objects(0))  # made since the last collection
-    _record = Record()
-    # The threads' stacks are read; a thread that runs before the fork can move on
-    # and take a lock.  A long switch interval keeps the GIL with this thread until
-    # the fork (a thread already waiting for the GIL may still ask for it once).
-    _record.switch = sys.getswitchinterval()
+    # Threads threading does not know (native ones, _thread's) may hold C locks no
+    # Python object shows.  (stat() lets other threads run: it comes first.)
+    native = _native_threads() > len(_active) + len(_limbo)
+    # Each object touched here costs the fork a page written (a first write after
+    # the last fork): files are read by address, locks tried, nothing else.
+    me = _get_ident()
+    taken = None
+    for known in list(_at_fork.values()):
+        if known.owner is not None:
+            owner = known.owner.value
+            if owner and owner != me:
+                taken = taken or []
+                taken.append((known, _FILE_LOCK, owner))
+            continue
+        lock = known.lock()
+        if lock is None:  # (going: its callback removes it)
+            continue
+        if lock.acquire(False):  # free, or this thread's own RLock
+            lock.release()
+            continue
+        state = _audit._held_by(lock)
+        if state is None or state[1] != me:
+            taken = taken or []
+            taken.append((known, *(state or (type(lock).__qualname__, None))))
+    if not (taken or native or w._every_child):
+        return  # nothing a child could be found stuck on: the child does nothing
+    _record = Record(taken or [], native)
+    if not _phases:
+        # The other two phases, installed by the first fork that needs them (CPython
+        # copies a phase's list when it runs it: this fork's child runs its hook).
+        os.register_at_fork(after_in_child=_after_in_child, after_in_parent=_after_in_parent)
+        _phases.append(True)
+    # A thread that runs between this look and the fork can move on and take a
+    # lock.  A long switch interval keeps the GIL with this thread until the fork (a
+    # thread already waiting for the GIL may still ask for it once).
     sys.setswitchinterval(_HOLD_GIL)
 
 
-def _held_at_fork(rec: Record) -> list[Held]:
-    """In the child, right after the fork: the known locks still held, each with the
-    parent's thread that held it (as recorded by the lock, or the one thread working
-    on its owner, not waiting)."""
-    out = []
-    by_ident = {t.ident: t for t in rec.threads}
-    for key, known in list(_known.items()):
-        lock = known.lock()
-        if lock is None:
-            del _known[key]
-            continue
-        state = held_now(lock)
-        if state is None:
-            continue
-        lock_type, owner = state
-        if owner == rec.forker:  # the child's own thread holds it: not a stray
-            continue
-        if owner is not None:
-            # (a thread threading does not list: started with _thread, say)
-            holder = by_ident.get(owner) or ThreadAtFork(owner, None, None, None)
-            out.append(Held(known, lock_type, [holder], "recorded"))
-            continue
-        related = _related_ids(known)
-        matches = [t for t in rec.threads if t.released != id(lock) and t.selves & related]
-        how = "unknown" if not matches else "inferred" if len(matches) == 1 else "one of"
-        out.append(Held(known, lock_type, matches, how))
-    return out
+def _held(rec: Record, known: _Known, lock_type: str, owner: int | None) -> Held:
+    """A taken lock with its holder: the one it records, else the parent's threads
+    working on its owner then (and not waiting on it in Condition.wait)."""
+    if owner is not None:
+        for t in rec.threads:
+            if t.ident == owner:
+                return Held(known, lock_type, [t], "recorded")
+        # (a thread threading does not list: started with _thread, say)
+        return Held(known, lock_type, [ThreadAtFork(owner, None, None, None)], "recorded")
+    lock, related = known.lock(), _related_ids(known)
+    matches = [t for t in rec.threads if t.released != id(lock) and t.selves & related]
+    how = "unknown" if not matches else "inferred" if len(matches) == 1 else "one of"
+    return Held(known, lock_type, matches, how)
 
 
 def held_now(lock: Any) -> tuple[str, int | None] | None:
     """(its type, its holder's ident or None) if `lock` is taken, told by trying it:
     ``locked()`` and a recorded owner lag behind a lock taken by a thread that waited
-    for it without the GIL and had not got the GIL back by the fork.  Only for a
-    child (or a lock nobody else waits for): a taken lock is given back at once."""
-    state = _audit._held_by(lock)
+    for it without the GIL and had not got the GIL back by the fork.  A taken lock is
+    given back at once."""
     if isinstance(lock, _audit._BUFFERED):
         from forkguard import _cpython_io
 
-        if state is None and _cpython_io.lock_taken(lock):
-            return "the file's C buffer lock", None
-        return state
-    if state is not None:
-        return state
+        owner = _file_owner(lock)
+        if owner:
+            return _FILE_LOCK, owner
+        return (_FILE_LOCK, None) if _cpython_io.lock_taken(lock) else None
     acquire = getattr(lock, "acquire", None)
-    if acquire is None or acquire(False):
-        if acquire is not None:
-            lock.release()
+    if acquire is None:
+        return _audit._held_by(lock)
+    if acquire(False):  # free (or the forking thread's own RLock): nothing to tell
+        lock.release()
         return None
-    return type(lock).__qualname__, None
+    return _audit._held_by(lock) or (type(lock).__qualname__, None)
+
+
+_FILE_LOCK = "the file's C buffer lock"
+
+
+def _file_owner_offset() -> int:
+    from forkguard import _cpython_io
+
+    return _cpython_io.layout().owner
+
+
+def _file_owner(f: object) -> int:
+    return int(_c_ulong.from_address(id(f) + _file_owner_offset()).value)
 
 
 def _frames_of(frame: Any) -> list[Frame]:
@@ -454,24 +578,24 @@ def _after_in_parent() -> None:
     global _record
     if _record is not None:
         sys.setswitchinterval(_record.switch)
-    _record = None
+        _record = None
     if _dog is not None:
         _dog.start()
 
 
 def _after_in_child() -> None:
-    global _record, _dog, _setup_lock
-    rec, _record = _record, None
-    _dog = None  # a watchdog of the parent's did not come along
-    _setup_lock = _thread.allocate_lock()
-    w = _current
-    if rec is not None:
-        sys.setswitchinterval(rec.switch)
-    if w is None or rec is None:
+    # As little as possible is written here: each page written costs the child a
+    # copy (docs/design.md, "What runs at a fork").
+    global _record, _dog
+    if _dog is not None:
+        _dog = None  # a watchdog of the parent's did not come along
+    rec = _record
+    if rec is None:
         return
-    rec.held = _held_at_fork(rec)
-    if rec.others or rec.held:
-        _dog = _Watchdog(w, rec)
+    _record = None
+    sys.setswitchinterval(rec.switch)
+    if _current is not None:
+        _dog = _Watchdog(_current, rec)
         _dog.start()
 
 
@@ -680,11 +804,29 @@ def diagnose(record: Record, frame: Any, native_id: int, blocked: float) -> Find
     for held in still:
         if _related_ids(held.known) & near:
             return _finding(record, held, stuck, blocked)
+    late = _taken_late(record, near)
+    if late is not None:
+        return _finding(record, late, stuck, blocked)
     if _calls_io(frame):
         files = [h for h in still if isinstance(h.known.lock(), _audit._BUFFERED)]
         if files:
             return _finding(record, files[0], stuck, blocked)
     return _futex_finding(record, native_id, stuck, blocked)
+
+
+def _taken_late(record: Record, near: set[int]) -> Held | None:
+    """A known lock the stuck frames refer to, taken now but not at the parent's
+    look (a thread took it in the instant before the fork), with its holder told as
+    at the fork."""
+    seen = {id(h.known) for h in record.held}
+    for known in list(_known.values()):
+        lock = known.lock()
+        if lock is None or id(known) in seen or not _related_ids(known) & near:
+            continue
+        state = held_now(lock)
+        if state is not None and state[1] != record.forker:  # (not the child's own)
+            return _held(record, known, *state)
+    return None
 
 
 def _near_ids(frame: Any) -> set[int]:
