@@ -53,6 +53,10 @@ VARIANTS = {
     "control-dataclasses": "import dataclasses",
     # forkguard.watch(): what it adds to each fork of a process with 10 threads.
     "threads-10": "import forkguard\n" + THREADS,
+    # The floor of any Python before-hook: one that does nothing.
+    "empty-hook-threads-10": "import forkguard\n"
+    + THREADS
+    + "os.register_at_fork(before=lambda: None)",
     "watch-threads-10": "import forkguard\n" + THREADS + "handle = forkguard.watch()",
     "hand-queue": (
         "q = queue.Queue()\nos.register_at_fork(after_in_child=q.mutex._at_fork_reinit)"

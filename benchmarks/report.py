@@ -28,6 +28,7 @@ FAST_VARIANTS = {  # bench_fastpath.py's variants, in table order, with what the
     "control-decimal": "control: `import decimal` instead",
     "control-dataclasses": "control: `import dataclasses` instead",
     "threads-10": "`import forkguard`, 10 threads waiting on an event",
+    "empty-hook-threads-10": "the same, with an empty `os.register_at_fork(before=...)` hook",
     "watch-threads-10": "the same, with `forkguard.watch()` on",
     "hand-queue": "hand-written fix for one Queue: `register_at_fork(after_in_child="
     "q.mutex._at_fork_reinit)`",
@@ -169,12 +170,27 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
         [fast("watch-threads-10"), fast("threads-10")],
         versus("watch-threads-10", "threads-10", 1.05),
         lambda: (
-            "watch()'s look before each fork is one Python call that reads the known "
-            "locks (here sys.stdin/stdout/stderr's buffers, by address) and tries them; "
-            "each object it touches is a page written after the last fork: "
+            "watch()'s look before each fork is one Python call: it reads the known "
+            "files' owner fields (here sys.stdin/stdout/stderr's buffers) by address, "
+            "tries the other known locks, and counts threads every 32nd fork; the child "
+            "runs no Python of watch()'s until a fork finds a lock taken. Faults per fork against "
+            "the same process without watch(): "
             + faults("watch-threads-10", "threads-10")()[0]
-            + " faults per fork. Closing it would take the look out of Python: the C "
-            "core's prepare handler reading the known locks' words, which touches no object."
+            + ". The parent's are the look's: each object it touches, each allocation, "
+            "is a page written after the last fork. The child's are what the modules "
+            "watch() loads (ctypes, the audit) do to any child, as the control imports "
+            "show (" + controls("child_minflt") + "). An empty Python before-hook, "
+            "measured in this run: "
+            + (
+                versus("empty-hook-threads-10", "threads-10", 1.0)()[0]
+                + ", "
+                + faults("empty-hook-threads-10", "threads-10")()[0]
+                + " faults"
+                if fast("empty-hook-threads-10") in r
+                else "not measured"
+            )
+            + ". Closing the rest would take the look out of Python, into the C core's "
+            "prepare handler reading the known locks' words, which touches no object."
         ),
     )
     add(

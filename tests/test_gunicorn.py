@@ -46,6 +46,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool) -> dict[str, Any]:
     sock, errors = str(tmp_path / "gunicorn.sock"), tmp_path / "error.log"
+    stderr = tmp_path / "stderr.txt"  # a file: a pipe nobody reads could block the server
     records, stacks = tmp_path / "records.json", tmp_path / "stacks.txt"
     cmd = [sys.executable]
     if protect:
@@ -56,15 +57,16 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
     cmd += ["--config", str(TESTS / "gunicorn_conf.py"), "gunicorn_app:app"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env.update(FORKGUARD_TEST_RECORDS=str(records), FORKGUARD_TEST_STACKS=str(stacks))
-    server = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    with stderr.open("wb") as err:
+        server = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err
+        )
     answered: list[str] = []
     failures: list[str] = []
     try:
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert server.poll() is None, stderr.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "gunicorn did not start"
             time.sleep(0.05)
         deadline = time.monotonic() + 90  # workers that never answer end the test too
@@ -92,9 +94,7 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        assert server.stderr is not None
-        server.stderr.close()
-    log = errors.read_text()
+    log = errors.read_text() if errors.exists() else ""
     logged = Counter(json.loads(records.read_text()) if records.exists() else [])
     return {
         "requests": i + 1,
@@ -106,6 +106,8 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
         "workers_booted": log.count("Booting worker"),
         "failures": failures[:5],
         "log_tail": log[-1500:] if failures or "WORKER TIMEOUT" in log else "",
+        # The server's own stderr (a failed boot, a traceback), when not all was well.
+        "stderr_tail": stderr.read_text(errors="replace")[-2000:] if failures else "",
         "stacks": stacks.read_text()[-4000:] if stacks.exists() else "",
     }
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -144,3 +145,45 @@ def test_stop_switches_it_off() -> None:
         handle.stop()
     assert not handle.active and _watch._current is None
     assert _watch._on_gc not in __import__("gc").callbacks
+
+
+def test_the_look_before_a_fork_sees_a_file_held_by_another_thread() -> None:
+    """In-process: the parent's look reads a buffered file's owner field, and records
+    the thread inside its write() (no fork needed to see that)."""
+    import io
+    import threading
+
+    from forkguard import _watch
+
+    inside, go_on = threading.Event(), threading.Event()
+
+    class Stalled(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: Any) -> int:
+            inside.set()
+            go_on.wait(10)
+            return len(b)
+
+    f = io.BufferedWriter(Stalled())
+    handle = forkguard.watch(timeout=1.0)
+    writer = threading.Thread(target=lambda: (f.write(b"x"), f.flush()), name="writer")
+    try:
+        writer.start()
+        assert inside.wait(10)
+        _watch._before()
+        try:
+            record = _watch._record
+            assert record is not None
+            held = [h for h in record.held if h.known.lock() is f]
+            assert [(h.how, [t.name for t in h.holders]) for h in held] == [
+                ("recorded", ["writer"])
+            ]
+        finally:
+            _watch._after_in_parent()
+        assert _watch._record is None
+    finally:
+        go_on.set()
+        writer.join(10)
+        handle.stop()

@@ -53,6 +53,7 @@ from typing import Any
 from forkguard import HANG_EXIT_STATUS, _audit
 
 _c_ulong = __import__("ctypes").c_ulong
+_any, _map, _value = any, map, __import__("operator").attrgetter("value")
 _get_ident = _thread.get_ident
 _active = threading._active  # type: ignore[attr-defined]
 _limbo = threading._limbo  # type: ignore[attr-defined]
@@ -87,7 +88,7 @@ _IO_NAMES = frozenset(
 class Watch:
     """What ``forkguard.watch()`` returned: its settings, and ``stop()``."""
 
-    __slots__ = ("_every_child", "_on_fork", "_on_hang", "action", "timeout")
+    __slots__ = ("_every_child", "_native", "_on_fork", "_on_hang", "_tick", "action", "timeout")
 
     def __init__(
         self,
@@ -102,6 +103,8 @@ class Watch:
         self._on_fork = on_fork  # python -m forkguard doctor: an audit at each fork
         self._on_hang = on_hang  # python -m forkguard doctor: keeps each finding
         self._every_child = every_child  # the doctor: a watchdog in every child
+        self._tick = 0  # forks until threads are counted again (_before)
+        self._native = False  # threads threading does not know were alive then
 
     @property
     def active(self) -> bool:
@@ -201,6 +204,22 @@ def _forget(key: int, known: _Known) -> None:
     for table in (_known, _at_fork):
         if table is not None and table.get(key) is known:  # (None: at shutdown)
             del table[key]
+    if _at_fork is not None:
+        _index()
+
+
+def _index() -> None:
+    """The look before a fork reads these two lists, rebuilt (never changed in place)
+    whenever the locks looked at change: owner fields of files, weak references to
+    the other locks.  A loop over them allocates nothing per lock."""
+    global _file_words, _lock_refs
+    known = list(_at_fork.values())
+    _file_words = [k.owner for k in known if k.owner is not None]
+    _lock_refs = [k.lock for k in known if k.owner is None]
+
+
+_file_words: list[Any] = []
+_lock_refs: list[Any] = []
 
 
 _known: dict[int, _Known] = {}  # id(lock) -> what is known of it
@@ -263,6 +282,7 @@ def _remember(c: Any) -> None:
         _at_fork.pop(id(c.lock), None)
     else:
         _at_fork[id(c.lock)] = known
+    _index()
 
 
 def _wrap_inits() -> None:
@@ -419,22 +439,16 @@ class Held:
 
 def _native_threads() -> int:
     """The kernel's count of this process's threads (Linux: /proc's task folder has
-    one link per thread, plus two); 0 where it cannot tell.  Read again at most every
-    _NATIVE_EVERY seconds: threads come and go far less often than a server forks."""
-    global _native_count, _native_at
-    now = _monotonic()
-    if now - _native_at > _NATIVE_EVERY:
-        try:
-            _native_count = os.stat("/proc/self/task").st_nlink - 2
-        except OSError:
-            _native_count = 0
-        _native_at = now
-    return _native_count
+    one link per thread, plus two); 0 where it cannot tell."""
+    try:
+        return os.stat("/proc/self/task").st_nlink - 2
+    except OSError:
+        return 0
 
 
-_native_count, _native_at = 0, -1e9
-_NATIVE_EVERY = 0.5
-_monotonic = time.monotonic
+# Read before every _NATIVE_EVERY-th fork only: threads come and go far less often
+# than a server forks, and a call costs a fork pages.
+_NATIVE_EVERY = 32
 
 
 _record: Record | None = None  # set before a fork, taken by the child
@@ -451,9 +465,27 @@ def _before() -> None:
         w._on_fork()
     # Threads threading does not know (native ones, _thread's) may hold C locks no
     # Python object shows.  (stat() lets other threads run: it comes first.)
-    native = _native_threads() > len(_active) + len(_limbo)
+    # (on the handle: it is touched anyway, and a page costs a fork a fault)
+    if w._tick:
+        w._tick -= 1
+    else:
+        w._tick = _NATIVE_EVERY
+        w._native = _native_threads() > len(_active) + len(_limbo)
     # Each object touched here costs the fork a page written (a first write after
-    # the last fork): files are read by address, locks tried, nothing else.
+    # the last fork), and each allocation one more: the common case (nothing taken)
+    # reads the files' owner fields and tries the locks, and allocates one map.
+    busy = _any(_map(_value, _file_words))
+    if _lock_refs and not busy:
+        for ref in _lock_refs:
+            lock = ref()
+            if lock is not None:
+                if not lock.acquire(False):
+                    busy = True
+                    break
+                lock.release()
+    native = w._native
+    if not (busy or native or w._every_child):
+        return  # nothing a child could be found stuck on: the child does nothing
     me = _get_ident()
     taken = None
     for known in list(_at_fork.values()):
