@@ -192,8 +192,9 @@ def watch(timeout: float = 5.0, action: Literal["report", "exit"] = "report") ->
     then), and the fix.  ``action="exit"`` then ends it with exit status
     ``HANG_EXIT_STATUS``.  Children that do not hang are left as they were.
 
-    At each fork the parent checks the locks ``audit()`` looks at and records the
-    held ones; a child of a process with other threads runs a watchdog thread.
+    Before each fork the parent tries the locks ``audit()`` looks at; only a child
+    forked while one was taken (or while threads ``threading`` does not know were
+    alive) runs a watchdog thread.
     Calling it again replaces the settings; ``handle.stop()`` switches it off.
     ``python -m forkguard doctor`` runs a whole program this way.
     """

@@ -2,21 +2,24 @@
 
 Switched on, each fork does this:
 
-- **In the parent, just before the fork**: each other Python thread's stack (code
-  and line of its innermost frames), and the objects its innermost frames in
-  ``threading``, ``queue`` and ``logging`` work on (their ``self``): who may hold
-  a lock that records no owner.
-- **In the child, right after**: which of the known locks are held, read by trying
-  each (exact: the parent's threads cannot move any more), each with its holder:
-  the owner the lock records (an ``RLock``, a buffered file, a tracked lock), or the
-  one parent thread that was working on the lock's owner.  If a lock was held, or
-  the parent had threads ``threading`` does not know (native ones may hold C locks),
-  a watchdog thread (a bare ``_thread``, which ``threading`` does not list) samples
-  where the forking thread is.  When it has not moved for ``timeout`` seconds, the
-  watchdog looks for what it waits on, and reports only what it can name:
+- **In the parent, just before the fork**: a look at the known locks (below), all
+  but events': each file's owner field read by address, each other lock tried
+  without waiting; every 32nd fork, a count of the threads ``threading`` does not
+  know (Linux; native ones may hold C locks no Python object shows).  If nothing is
+  taken and there are no such threads, that is all: the child does nothing either.
+  Otherwise the parent records each taken lock with its holder (the owner the lock
+  records: an ``RLock``, a buffered file; or the one parent thread whose innermost
+  frames in ``threading``, ``queue`` or ``logging`` work on the lock's owner), each
+  other thread's stack (code and line of its innermost frames), and keeps the GIL
+  until the fork (a long switch interval).
+- **In the child, with a record**: a watchdog thread (a bare ``_thread``, which
+  ``threading`` does not list) samples where the forking thread is.  When it has not
+  moved for ``timeout`` seconds, the watchdog looks for what it waits on, and
+  reports only what it can name:
 
-  1. a lock held at the fork and still held, which one of its innermost frames
-     refers to (``Queue.put`` has the queue as ``self``);
+  1. a lock taken at the fork and still taken, which one of its innermost frames
+     refers to (``Queue.put`` has the queue as ``self``); a known lock taken since
+     the parent's look (a thread took it in the instant before the fork) counts too;
   2. a buffered file held at the fork and still held, when its current line calls
      ``print`` or a file method;
   3. on Linux, the futex the kernel says it waits on, read as a pthread mutex (where
@@ -25,6 +28,10 @@ Switched on, each fork does this:
 
   The report goes to file descriptor 2 directly (``sys.stderr``'s own lock may be the
   one held).  ``action="exit"`` then ends the child with ``HANG_EXIT_STATUS``.
+  (The doctor, ``every_child``, records at every fork and watches every child.)
+
+Locks are tried, not asked: on 3.10-3.12 ``locked()`` lags behind a lock taken by a
+thread still waiting for the GIL, and a fork can come in between (``held_now()``).
 
 The known locks are those ``audit()`` looks at (queues, conditions, semaphores,
 events, logging handlers' locks, buffered files, ``sys.std*``): found by one scan
