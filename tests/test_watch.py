@@ -174,7 +174,7 @@ def test_the_look_before_a_fork_sees_a_file_held_by_another_thread() -> None:
         assert inside.wait(10)
         _watch._before()
         try:
-            record = _watch._record
+            record = _watch._records.get(threading.get_ident())
             assert record is not None
             held = [h for h in record.held if h.known.lock() is f]
             assert [(h.how, [t.name for t in h.holders]) for h in held] == [
@@ -182,8 +182,55 @@ def test_the_look_before_a_fork_sees_a_file_held_by_another_thread() -> None:
             ]
         finally:
             _watch._after_in_parent()
-        assert _watch._record is None
+        assert not _watch._records
     finally:
         go_on.set()
         writer.join(10)
         handle.stop()
+
+
+FILE_PROGRAM = """
+import io, os, signal, threading
+import forkguard
+inside, go_on = threading.Event(), threading.Event()
+
+class Stalled(io.RawIOBase):  # a slow consumer: write() takes its time
+    def writable(self):
+        return True
+
+    def write(self, b):
+        inside.set()
+        go_on.wait(30)
+        return len(b)
+
+f = io.BufferedWriter(Stalled())
+{setup}
+threading.Thread(target=lambda: (f.write(b"x"), f.flush()), name="writer", daemon=True).start()
+inside.wait(10)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(5)
+    f.write(b"y")
+    f.flush()
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("status", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
+"""
+
+
+@pytest.mark.parametrize("watching", [False, True])
+def test_a_child_stuck_on_a_file_held_at_the_fork_names_it_and_its_writer(watching: bool) -> None:
+    setup = "forkguard.watch(timeout=0.5, action='exit')" if watching else ""
+    proc = subprocess.run(
+        [sys.executable, "-c", FILE_PROGRAM.format(setup=setup)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    if not watching:  # the unprotected child hangs: its deadline ends it, silently
+        assert "status -14" in proc.stdout and "forkguard" not in proc.stderr
+        return
+    assert f"status {forkguard.HANG_EXIT_STATUS}" in proc.stdout, proc.stderr
+    assert "waiting for: the buffer lock of <io.BufferedWriter at" in proc.stderr
+    assert "thread 'writer'" in proc.stderr and "(as the lock records)" in proc.stderr

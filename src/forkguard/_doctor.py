@@ -71,6 +71,10 @@ def _supervise(
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     first_hang: float | None = None
     stopped = False
+    # The program has a session of its own: what would end the doctor (Ctrl-C, a
+    # SIGTERM from a CI runner, a closed terminal) is passed on, then it is stopped.
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda n, _: caught.append(n)) for sig in _PASSED_ON}
     try:
         while True:
             try:
@@ -78,27 +82,37 @@ def _supervise(
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if caught:
+                _signal_group(proc.pid, caught[0])
+                stopped = True
+                status = _stop(proc, grace=2.0)
+                break
             if first_hang is None and _hang_files(events):
                 first_hang = time.monotonic()
             if first_hang is not None and time.monotonic() - first_hang > 2 * timeout:
                 stopped = True
                 status = _stop(proc)
                 break
-    except KeyboardInterrupt:
-        _signal_group(proc.pid, signal.SIGINT)
-        stopped = True
-        status = _stop(proc)
-    _signal_group(proc.pid, signal.SIGKILL)  # what the program left behind in its session
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)  # what the program left in its session
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return status, stopped
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    _signal_group(proc.pid, signal.SIGTERM)
-    try:
-        return proc.wait(timeout=2)
-    except subprocess.TimeoutExpired:
-        _signal_group(proc.pid, signal.SIGKILL)
-        return proc.wait()
+_PASSED_ON = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: float = 0.0) -> int:
+    """End the program: `grace` seconds to end by itself, 2 more after SIGTERM, then
+    SIGKILL."""
+    for sig, wait in ((None, grace), (signal.SIGTERM, 2.0)):
+        if sig is not None:
+            _signal_group(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=wait)
+    _signal_group(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -107,7 +121,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 def _hang_files(events: str) -> list[str]:
-    return sorted(n for n in os.listdir(events) if n.startswith("hang-"))
+    return sorted(n for n in os.listdir(events) if n.startswith("hang-") and n.endswith(".json"))
 
 
 # ------------------------------------------------------------ in the program
@@ -132,8 +146,11 @@ def program() -> int:
             _write(f"forkguard doctor: at a fork in process {os.getpid()}, {report}\n")
 
     def on_hang(finding: _watch.Finding) -> None:
-        with open(os.path.join(events, f"hang-{finding.pid}.json"), "w") as f:
+        # Whole or not at all: the doctor may stop the program while a child writes.
+        path = os.path.join(events, f"hang-{finding.pid}.json")
+        with open(path + ".part", "w") as f:
             json.dump(finding.as_dict(), f)
+        os.replace(path + ".part", path)
 
     _watch.watch(timeout, "exit", on_fork=on_fork, on_hang=on_hang, every_child=True)
     parser = argparse.ArgumentParser(prog="python -m forkguard doctor")
@@ -165,11 +182,14 @@ def _summary(events: str, status: int, stopped: bool) -> dict[str, Any]:
     path = os.path.join(events, _FORKS)
     if os.path.exists(path):
         with open(path) as f:
-            forks = [json.loads(line) for line in f if line.strip()]
+            forks = [_json(line) for line in f if line.strip()]
+        forks = [fork for fork in forks if fork is not None]
     hung = []
     for name in _hang_files(events):
         with open(os.path.join(events, name)) as f:
-            hung.append(json.load(f))
+            finding = _json(f.read())
+        if finding is not None:
+            hung.append(finding)
     causes: dict[tuple[str, str], dict[str, Any]] = {}
     for h in hung:
         names = ", ".join(str(t["name"]) for t in h["holders"]) or "?"
@@ -198,6 +218,14 @@ def _summary(events: str, status: int, stopped: bool) -> dict[str, Any]:
         "held_at_forks": list(audit_causes.values()),
         "program": {"exit_status": status, "stopped_by_doctor": stopped},
     }
+
+
+def _json(text: str) -> Any:
+    """A finding or a fork's line, or None if its writer was stopped in the middle."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _innermost(lines: list[str]) -> str:

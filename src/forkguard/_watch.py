@@ -47,6 +47,7 @@ makes Python warn about forking a multi-threaded process.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import gc
 import math
 import os
@@ -133,7 +134,7 @@ class Watch:
 
 _current: Watch | None = None
 _hooked = False
-_phases: list[bool] = []  # [True] once the parent and child phases are installed
+_phases_to_install = [True]  # emptied when the parent and child phases are installed
 _setup = (os.getpid(), _thread.allocate_lock())  # for watch() and stop(); not at a fork
 
 
@@ -411,7 +412,7 @@ class Record:
     locks taken, each with the thread(s) that held it, and every other thread's
     stack."""
 
-    __slots__ = ("forker", "held", "native", "parent", "switch", "threads")
+    __slots__ = ("forker", "held", "native", "parent", "taken_now", "threads")
 
     def __init__(self, taken: list[tuple[_Known, str, int | None]], native: bool) -> None:
         self.parent = os.getpid()
@@ -425,7 +426,7 @@ class Record:
         ]
         self.native = native  # threads threading does not know were alive
         self.held = [_held(self, known, lock_type, owner) for known, lock_type, owner in taken]
-        self.switch = sys.getswitchinterval()
+        self.taken_now: set[int] = set()  # id()s of the _Known taken at the fork (child)
 
 
 class Held:
@@ -458,11 +459,14 @@ def _native_threads() -> int:
 _NATIVE_EVERY = 32
 
 
-_record: Record | None = None  # set before a fork, taken by the child
+# Records by forking thread: two threads may fork at once (a before-hook after this
+# one can let another thread run).  The switch interval is saved by the first and
+# restored by the last.
+_records: dict[int, Record] = {}
+_switch: list[float] = []  # [the interval before the first outstanding record]
 
 
 def _before() -> None:
-    global _record
     if _dog is not None:
         _dog.pause()
     w = _current
@@ -497,6 +501,8 @@ def _before() -> None:
     taken = None
     for known in list(_at_fork.values()):
         if known.owner is not None:
+            if known.lock() is None:  # (gone: its field may be freed memory)
+                continue
             owner = known.owner.value
             if owner and owner != me:
                 taken = taken or []
@@ -514,15 +520,19 @@ def _before() -> None:
             taken.append((known, *(state or (type(lock).__qualname__, None))))
     if not (taken or native or w._every_child):
         return  # nothing a child could be found stuck on: the child does nothing
-    _record = Record(taken or [], native)
-    if not _phases:
-        # The other two phases, installed by the first fork that needs them (CPython
-        # copies a phase's list when it runs it: this fork's child runs its hook).
-        os.register_at_fork(after_in_child=_after_in_child, after_in_parent=_after_in_parent)
-        _phases.append(True)
+    _records[me] = Record(taken or [], native)
+    if _phases_to_install:
+        with contextlib.suppress(IndexError):  # (pop: one thread installs them)
+            _phases_to_install.pop()
+            # The other two phases, installed by the first fork that needs them
+            # (CPython copies a phase's list when it runs it: this fork's child runs
+            # its hook).
+            os.register_at_fork(after_in_child=_after_in_child, after_in_parent=_after_in_parent)
     # A thread that runs between this look and the fork can move on and take a
     # lock.  A long switch interval keeps the GIL with this thread until the fork (a
     # thread already waiting for the GIL may still ask for it once).
+    if not _switch:
+        _switch.append(sys.getswitchinterval())
     sys.setswitchinterval(_HOLD_GIL)
 
 
@@ -614,10 +624,8 @@ def _qualname(code: Any) -> str:
 
 
 def _after_in_parent() -> None:
-    global _record
-    if _record is not None:
-        sys.setswitchinterval(_record.switch)
-        _record = None
+    if _records.pop(_get_ident(), None) is not None and not _records and _switch:
+        sys.setswitchinterval(_switch.pop())
     if _dog is not None:
         _dog.start()
 
@@ -625,14 +633,18 @@ def _after_in_parent() -> None:
 def _after_in_child() -> None:
     # As little as possible is written here: each page written costs the child a
     # copy (docs/design.md, "What runs at a fork").
-    global _record, _dog
+    global _dog
     if _dog is not None:
         _dog = None  # a watchdog of the parent's did not come along
-    rec = _record
+    if not _records:
+        return
+    rec = _records.get(_get_ident())
+    _records.clear()  # (other threads' records: those threads are gone)
+    if _switch:
+        sys.setswitchinterval(_switch.pop())
     if rec is None:
         return
-    _record = None
-    sys.setswitchinterval(rec.switch)
+    rec.taken_now = _taken_now(rec)
     if _current is not None:
         _dog = _Watchdog(_current, rec)
         _dog.start()
@@ -645,8 +657,8 @@ class _Watchdog:
     """The child's thread that notices its forking thread has stopped moving."""
 
     __slots__ = (
-        *("done", "frame", "lasti", "main", "native", "next_look", "record", "reported"),
-        *("since", "stop_", "watch"),
+        *("done", "forks", "main", "native", "next_look", "position", "record"),
+        *("reported", "since", "stop_", "watch"),
     )
 
     def __init__(self, watch: Watch, record: Record) -> None:
@@ -654,26 +666,41 @@ class _Watchdog:
         self.record = record
         self.main = _thread.get_ident()  # called in the child's only thread
         self.native = threading.get_native_id()
-        self.frame: Any = None
-        self.lasti = -1
+        # Where the thread was: ids only (a reference would keep a frame's locals
+        # alive after it returned).
+        self.position: tuple[int, int, int] | None = None
         self.since = self.next_look = 0.0
         self.reported: set[tuple[str, str]] = set()
+        self.forks = 1  # forks under way in this process: the thread runs at 0
 
     def start(self) -> None:
+        """After a fork in this process (and at first): run again once no fork is
+        under way."""
+        self.forks -= 1
+        if self.forks:
+            return
         self.stop_ = _thread.allocate_lock()
         self.stop_.acquire()
         self.done = _thread.allocate_lock()
         self.done.acquire()
-        self.frame = None
+        self.position = None
         _thread.start_new_thread(self._run, ())
 
     def pause(self) -> None:
-        """Stop the thread and wait for it to end (before this child forks)."""
-        self.stop_.release()
-        self.done.acquire(timeout=5.0)
+        """Before a fork in this process: stop the thread and wait for it to end, so
+        the new child is forked from a process without it."""
+        self.forks += 1
+        if self.forks == 1:
+            self.stop_.release()
+            self.done.acquire(timeout=5.0)
 
     def _run(self) -> None:
         try:
+            # Signals are for the program's threads: one sent to the process must not
+            # land here (a thread that blocks no signal is a valid target).
+            signal = sys.modules.get("signal") or __import__("signal")
+            if hasattr(signal, "pthread_sigmask"):
+                signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
             interval = min(self.watch.timeout / 5, _MAX_SAMPLE)
             while not self.stop_.acquire(timeout=interval):
                 self._sample()
@@ -687,8 +714,9 @@ class _Watchdog:
         if frame is None:
             return
         now = time.monotonic()
-        if frame is not self.frame or frame.f_lasti != self.lasti:
-            self.frame, self.lasti, self.since = frame, frame.f_lasti, now
+        position = (id(frame), id(frame.f_code), frame.f_lasti)
+        if position != self.position:
+            self.position, self.since = position, now
             return
         blocked = now - self.since
         if blocked < self.watch.timeout or now < self.next_look:
@@ -820,7 +848,7 @@ def _lines(frames: list[Frame] | None) -> list[str]:
     out = []
     for filename, line, function in frames or ():
         out.append(f'File "{filename}", line {line}, in {function}')
-        source = linecache.getline(filename, line).strip()
+        source = linecache.getline(filename, line).strip() if line is not None else ""
         if source:
             out.append(f"  {source}")
     return out
@@ -833,11 +861,14 @@ def _indent(lines: list[str], n: int) -> list[str]:
 def diagnose(record: Record, frame: Any, native_id: int, blocked: float) -> Finding | None:
     """What the thread stopped at `frame` waits on, if it is a lock held at the fork
     (see the module's docstring for the three ways it is told); None otherwise."""
+    if _waits_in(native_id) is False:  # the kernel says: not waiting for a lock
+        return None
     stuck = _program_frames(_frames_of(frame))
     still = []
     for held in record.held:
         lock = held.known.lock()
-        if lock is not None and held_now(lock) is not None:
+        state = held_now(lock) if lock is not None else None
+        if state is not None and not _childs(state[1]):  # (a child thread's: its own)
             still.append(held)
     near = _near_ids(frame)
     for held in still:
@@ -854,18 +885,39 @@ def diagnose(record: Record, frame: Any, native_id: int, blocked: float) -> Find
 
 
 def _taken_late(record: Record, near: set[int]) -> Held | None:
-    """A known lock the stuck frames refer to, taken now but not at the parent's
-    look (a thread took it in the instant before the fork), with its holder told as
-    at the fork."""
+    """A known lock the stuck frames refer to, taken at the fork (as the child found
+    right after it) but not at the parent's look (a thread took it in the instant
+    between), and still taken, with its holder told as at the fork."""
     seen = {id(h.known) for h in record.held}
     for known in list(_known.values()):
+        if id(known) not in record.taken_now or id(known) in seen:
+            continue
         lock = known.lock()
-        if lock is None or id(known) in seen or not _related_ids(known) & near:
+        if lock is None or not _related_ids(known) & near:
             continue
         state = held_now(lock)
-        if state is not None and state[1] != record.forker:  # (not the child's own)
+        if state is not None and not _childs(state[1]):
             return _held(record, known, *state)
     return None
+
+
+def _taken_now(record: Record) -> set[int]:
+    """In the child, right after the fork (nothing has run yet): the known locks
+    taken, by another thread than the forking one."""
+    out = set()
+    for known in list(_known.values()):
+        lock = known.lock()
+        state = held_now(lock) if lock is not None else None
+        if state is not None and state[1] != record.forker:
+            out.add(id(known))
+    return out
+
+
+def _childs(ident: int | None) -> bool:
+    """True if `ident` is a thread threading knows in this (child) process: its lock is
+    its own.  (Not the watchdog's own ident: a new thread can get the stack, and so
+    the ident, of a parent's thread that did not come along.)"""
+    return ident is not None and ident in _active
 
 
 def _near_ids(frame: Any) -> set[int]:
@@ -885,12 +937,10 @@ def _near_ids(frame: Any) -> set[int]:
 def _related_ids(known: _Known) -> set[int]:
     """The lock and the objects built on it that a frame taking it would hold."""
     lock, container = known.lock(), known.container()
-    ids = {id(lock), id(container)}
+    objects = [lock, container]
     for name in ("not_empty", "not_full", "all_tasks_done", "_cond", "buffer"):
-        inner = getattr(container, name, None)
-        if inner is not None:
-            ids.add(id(inner))
-    return ids
+        objects.append(getattr(container, name, None))
+    return {id(o) for o in objects if o is not None}  # (None: gone, or no such part)
 
 
 def _calls_io(frame: Any) -> bool:
@@ -971,20 +1021,33 @@ def _futex_finding(
     )
 
 
+def _syscall(native_id: int) -> list[str] | None:
+    """/proc's line for the system call thread `native_id` is in (Linux), split."""
+    try:
+        with open(f"/proc/self/task/{native_id}/syscall") as f:
+            return f.read().split()
+    except OSError:
+        return None
+
+
+def _waits_in(native_id: int) -> bool | None:
+    """Whether thread `native_id` waits in the futex call, where every lock wait
+    ends (a thread reading a pipe or sleeping does not); None where unknown."""
+    number = _FUTEX.get(os.uname().machine)
+    fields = _syscall(native_id)
+    if number is None or not fields or fields[0] == "running":
+        return None
+    return fields[0] == str(number)
+
+
 def futex_mutex(native_id: int) -> tuple[int, int] | None:
     """(the mutex's address, its owner's thread id) if thread `native_id` of this
     process waits in the kernel on a pthread mutex that records an owner other than
     this process's threads; None otherwise, or where this cannot be read (not Linux,
     an unknown CPU, a C library whose layout is not checked)."""
     number = _FUTEX.get(os.uname().machine)
-    if number is None:
-        return None
-    try:
-        with open(f"/proc/self/task/{native_id}/syscall") as f:
-            fields = f.read().split()
-    except OSError:
-        return None
-    if len(fields) < 2 or fields[0] != str(number):
+    fields = _syscall(native_id)
+    if number is None or fields is None or len(fields) < 2 or fields[0] != str(number):
         return None
     from forkguard import _REGISTRY
 
