@@ -352,10 +352,11 @@ def _c_mutexes_held(
     return out
 
 
-def _comm(tid: int) -> str | None:
-    """The kernel's name for thread `tid` of this process (Linux); None elsewhere."""
+def _comm(tid: int, pid: int | str = "self") -> str | None:
+    """The kernel's name for thread `tid` of process `pid` (Linux); None elsewhere, or
+    if there is no such thread."""
     try:
-        with open(f"/proc/self/task/{tid}/comm") as f:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
             return f.read().strip()
     except OSError:
         return None

@@ -500,24 +500,11 @@ def _before() -> None:
     me = _get_ident()
     taken = None
     for known in list(_at_fork.values()):
-        if known.owner is not None:
-            if known.lock() is None:  # (gone: its field may be freed memory)
-                continue
-            owner = known.owner.value
-            if owner and owner != me:
-                taken = taken or []
-                taken.append((known, _FILE_LOCK, owner))
-            continue
         lock = known.lock()
-        if lock is None:  # (going: its callback removes it)
-            continue
-        if lock.acquire(False):  # free, or this thread's own RLock
-            lock.release()
-            continue
-        state = _audit._held_by(lock)
-        if state is None or state[1] != me:
+        state = held_now(lock) if lock is not None else None  # (None: going)
+        if state is not None and state[1] != me:
             taken = taken or []
-            taken.append((known, *(state or (type(lock).__qualname__, None))))
+            taken.append((known, *state))
     if not (taken or native or w._every_child):
         return  # nothing a child could be found stuck on: the child does nothing
     _records[me] = Record(taken or [], native)
@@ -559,7 +546,7 @@ def held_now(lock: Any) -> tuple[str, int | None] | None:
     if isinstance(lock, _audit._BUFFERED):
         from forkguard import _cpython_io
 
-        owner = _file_owner(lock)
+        owner = _cpython_io._owner(lock, _cpython_io.layout())
         if owner:
             return _FILE_LOCK, owner
         return (_FILE_LOCK, None) if _cpython_io.lock_taken(lock) else None
@@ -579,10 +566,6 @@ def _file_owner_offset() -> int:
     from forkguard import _cpython_io
 
     return _cpython_io.layout().owner
-
-
-def _file_owner(f: object) -> int:
-    return int(_c_ulong.from_address(id(f) + _file_owner_offset()).value)
 
 
 def _frames_of(frame: Any) -> list[Frame]:
@@ -1006,7 +989,7 @@ def _futex_finding(
     if owner in python:
         holder = _holder(python[owner])
     else:
-        comm = _task_name(record.parent, owner)
+        comm = _audit._comm(owner, record.parent)
         if comm is None:
             return None  # no thread of the parent: not a mutex held at the fork
         holder = {"name": comm, "ident": None, "native_id": owner, "python": False}
@@ -1071,11 +1054,3 @@ def futex_mutex(native_id: int) -> tuple[int, int] | None:
     if word == 0 or owner <= 0 or os.path.exists(f"/proc/self/task/{owner}"):
         return None
     return mutex, owner
-
-
-def _task_name(pid: int, tid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
