@@ -94,3 +94,25 @@ def test_a_module_the_forking_thread_is_importing_stays_its_own(tmp_path: Path) 
         sys.path.remove(str(tmp_path))
         sys.modules.pop("fg_forks_at_import", None)
     assert module.RESULT, module.RESULT
+
+
+def test_verified_in_a_program_that_never_imported_importlib() -> None:
+    # "importlib._bootstrap" is listed in sys.modules only once the importlib package
+    # is imported; a plain script has only the frozen module, which is the same one.
+    import subprocess
+
+    code = (
+        "import sys, forkguard\n"
+        "assert 'importlib' not in sys.modules, 'this check needs a program without it'\n"
+        "from forkguard import _import_locks\n"
+        "print(_import_locks.unverified())\n"
+        "forkguard.protect()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "None", "")

@@ -27,7 +27,9 @@ from typing import Any
 
 
 def _bootstrap() -> Any:
-    return sys.modules.get("importlib._bootstrap")
+    # The frozen module CPython imports with: "importlib._bootstrap" is the same module,
+    # but listed only once something has imported the importlib package.
+    return sys.modules.get("_frozen_importlib") or sys.modules.get("importlib._bootstrap")
 
 
 def _empty(counter: object) -> object:
