@@ -122,11 +122,16 @@ def run_isolated(
     kill whatever it leaves behind (hung pool workers included).
 
     Its output goes to a file, not a pipe: hung workers would hold a pipe open.
+    Its temporary files (multiprocessing's ``pymp-*`` folder, which a program ended
+    by ``os._exit()`` or a kill never removes) go to a folder removed afterwards.
     """
     cmd = [sys.executable, "-m", "forkguard._seed", "--pools", str(pools)]
     cmd += ["--deadline", str(deadline), "--method", method, "--register", register]
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "TMPDIR": tmp}
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+        )
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
