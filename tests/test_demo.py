@@ -5,13 +5,27 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import pytest
+
+import forkguard
 from forkguard import _demo
 
 
-def test_demo_reports_every_run_with_its_record_counts_and_exits_0() -> None:
+def test_demo_reports_every_run_with_its_record_counts_and_exits_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its temporary files (the runs' and multiprocessing's pymp-* folders) go here,
+    # and nothing is left here after it.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     out = io.StringIO()
     assert _demo.run(out, protected_pools=20, timed_pools=2) == 0
+    assert sorted(p.name for p in tmp.iterdir()) == []
     text = out.getvalue()
     assert "without forkguard: " in text
     assert (
@@ -35,3 +49,12 @@ def test_cli_help_names_the_demo() -> None:
         [sys.executable, "-m", "forkguard", "nope"], capture_output=True, text=True, check=False
     )
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_cli_version_names_the_version_the_python_and_the_core() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "forkguard", "--version"], capture_output=True, text=True, check=True
+    )
+    version = ".".join(map(str, sys.version_info[:3]))
+    assert done.stdout.startswith(f"forkguard {forkguard.__version__} (CPython {version}, ")
+    assert "C core built" in done.stdout

@@ -10,6 +10,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m forkguard", description="forkguard: fork safety for locks."
     )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "demo",
@@ -62,6 +63,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return _demo.run()
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _version() -> str:
+    import platform
+
+    from forkguard import __version__
+
+    where = f"{platform.python_implementation()} {platform.python_version()}"
+    return f"forkguard {__version__} ({where}, {_core()})"
+
+
+def _core() -> str:
+    """Which C core this install has: compiled, or none (Windows, a pure-Python install)."""
+    import importlib.util
+
+    return "C core built" if importlib.util.find_spec("forkguard._native") else "no C core"
 
 
 def _split_run(argv: list[str], takes_value: set[str]) -> tuple[list[str], list[str]]:
