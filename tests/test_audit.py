@@ -121,6 +121,19 @@ def test_a_plain_lock_s_holder_is_told_by_the_one_stack_that_refers_to_it() -> N
     lock.release()  # the waiter got it
 
 
+def test_without_the_gil_other_threads_locals_are_not_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Free-threaded CPython without the GIL: a running thread's locals change under a
+    # reader (which can crash the interpreter), so a plain Lock's holder goes unnamed.
+    lock = threading.Lock()
+    with forkguard.register(lock, name="the test's lock"), held_in_thread(lock, "holder"):
+        assert finding(forkguard.audit(), "the test's lock").holder is not None  # GIL on
+        monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+        held = finding(forkguard.audit(), "the test's lock")
+        assert held.would_hang is False and held.holder is None
+
+
 def _stacks_referring_to(obj: object) -> list[int]:
     found = []
     for ident, frame in sys._current_frames().items():

@@ -147,13 +147,20 @@ def test_stop_switches_it_off() -> None:
     assert _watch._on_gc not in __import__("gc").callbacks
 
 
-def test_the_look_before_a_fork_sees_a_file_held_by_another_thread() -> None:
+@pytest.mark.parametrize("gil", [True, False], ids=["gil", "no-gil"])
+def test_the_look_before_a_fork_sees_a_file_held_by_another_thread(
+    gil: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In-process: the parent's look reads a buffered file's owner field, and records
-    the thread inside its write() (no fork needed to see that)."""
+    the thread inside its write() (no fork needed to see that).  Without the GIL the
+    field is read while holding the file (another thread could free it meanwhile)."""
     import io
     import threading
 
     from forkguard import _watch
+
+    if not gil:
+        monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
 
     inside, go_on = threading.Event(), threading.Event()
 
@@ -168,6 +175,8 @@ def test_the_look_before_a_fork_sees_a_file_held_by_another_thread() -> None:
 
     f = io.BufferedWriter(Stalled())
     handle = forkguard.watch(timeout=1.0)
+    owner = _watch._known[id(f)].owner
+    assert isinstance(owner, _watch._Owner) is not gil
     writer = threading.Thread(target=lambda: (f.write(b"x"), f.flush()), name="writer")
     try:
         writer.start()
@@ -216,6 +225,42 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 print("status", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
 """
+
+
+def test_without_the_gil_a_fork_s_record_reads_no_other_thread_s_locals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Free-threaded CPython without the GIL: another thread's locals may change while
+    they are read (which can crash the interpreter); its code and line are recorded,
+    not the objects its frames work on."""
+    import queue
+    import threading
+
+    from forkguard import _watch
+
+    q: queue.Queue[int] = queue.Queue(maxsize=1)
+    q.put(0)
+    putter = threading.Thread(target=q.put, args=(1,), name="putter", daemon=True)
+    putter.start()
+    try:
+        for _ in range(1000):  # until it waits inside Queue.put
+            frame = sys._current_frames().get(putter.ident or 0)
+            if frame is not None and frame.f_code.co_name == "wait":
+                break
+            putter.join(0.01)
+
+        def seen() -> _watch.ThreadAtFork:
+            frame = sys._current_frames()[putter.ident or 0]
+            return _watch.ThreadAtFork(putter.ident, putter.name, None, frame, _watch._takers())
+
+        assert id(q) in seen().selves  # with the GIL: the queue it works on
+        monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+        without = seen()
+        assert without.selves == set() and without.released is None
+        assert [code.co_name for code, _ in without.stack][:2] == ["wait", "put"]
+    finally:
+        q.get()
+        putter.join(10)
 
 
 @pytest.mark.parametrize("watching", [False, True])

@@ -362,6 +362,16 @@ def _comm(tid: int, pid: int | str = "self") -> str | None:
         return None
 
 
+def gil_on() -> bool:
+    """Whether the GIL is on (always, but on a free-threaded CPython running without it;
+    once on, it stays on).  Without it, other threads run while this one reads: their
+    frames' locals change under the reader, which can crash the interpreter (a holder
+    is then left unknown rather than inferred), and an object read by address must be
+    kept alive by a reference of the reader's own."""
+    gil_enabled = getattr(sys, "_is_gil_enabled", None)
+    return gil_enabled is None or bool(gil_enabled())
+
+
 def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
     """The one other thread whose Python stack has a frame with the lock or its container
     among its local variables (``self`` in ``Queue.put``, a ``with lock:`` in the
@@ -370,6 +380,8 @@ def _infer_holder(c: _Candidate, frames: dict[int, Any]) -> int | None:
     A thread waiting for the lock matches too, so only a single match is taken as the
     holder.  Module frames are passed over (their locals are the module's globals).
     The calling thread is not looked at: its own frames refer to what it audits."""
+    if not gil_on():
+        return None
     me = threading.get_ident()
     wanted = (id(c.lock), id(c.container))
     matches = []
@@ -394,6 +406,8 @@ def _released(frame: Any) -> int | None:
     the condition's lock (the wait gives it up meanwhile); else None."""
     code = frame.f_code
     if code.co_name != "wait" or code.co_filename != threading.__file__:
+        return None
+    if not gil_on():
         return None
     cond = frame.f_locals.get("self")
     return id(cond._lock) if isinstance(cond, threading.Condition) else None  # type: ignore[attr-defined]

@@ -200,12 +200,27 @@ class _Known:
         self.what: str = c.what
         self.fix: str = c.fix
         # A buffered file: its owner field, read before each fork without touching
-        # the file (its entry goes when it does).
-        self.owner = (
-            _c_ulong.from_address(key + _file_owner_offset())
-            if isinstance(c.lock, _audit._BUFFERED)
-            else None
-        )
+        # the file (its entry goes when it does).  Without the GIL the file could go
+        # during the read: it is read through a reference instead.
+        self.owner: Any = None
+        if isinstance(c.lock, _audit._BUFFERED):
+            at = _file_owner_offset()
+            self.owner = _c_ulong.from_address(key + at) if _audit.gil_on() else _Owner(self.lock)
+
+
+class _Owner:
+    """A buffered file's owner field (or its lock taken), read while holding the file:
+    what the look reads without the GIL, in place of a view of the field."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, file: weakref.ref[Any]) -> None:
+        self.file = file
+
+    @property
+    def value(self) -> bool:
+        f = self.file()
+        return f is not None and held_now(f) is not None
 
 
 def _forget(key: int, known: _Known) -> None:
@@ -385,13 +400,13 @@ class ThreadAtFork:
         self.stack: list[tuple[Any, int]] = []  # (code, line), innermost first
         self.selves: set[int] = set()  # ids of the objects its lock-taking frames work on
         self.released = _audit._released(frame) if frame is not None else None
-        depth = 0
+        depth, gil_on = 0, _audit.gil_on()
         while frame is not None and depth < _STACK_FRAMES:
             code = frame.f_code
             self.stack.append((code, frame.f_lineno))
             # A lock is taken and held in the innermost frames: only those are read
             # (a frame's locals cost a fork more than its code and line).
-            near = depth < _SELF_FRAMES and code.co_filename in takers
+            near = gil_on and depth < _SELF_FRAMES and code.co_filename in takers
             if near and code.co_argcount and code.co_varnames[0] == "self":
                 self.selves.add(id(frame.f_locals.get("self")))
             frame, depth = frame.f_back, depth + 1
@@ -907,6 +922,8 @@ def _near_ids(frame: Any) -> set[int]:
     """ids of the local variables of the innermost frames (module frames passed
     over: their locals are the module's globals)."""
     ids: set[int] = set()
+    if not _audit.gil_on():
+        return ids
     for _ in range(_NEAR_FRAMES):
         if frame is None:
             break
