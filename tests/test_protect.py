@@ -268,3 +268,25 @@ def test_forkguard_run_needs_a_program() -> None:
         check=False,
     )
     assert proc.returncode == 2 and "give a script to run" in proc.stderr
+
+
+def test_the_child_s_repair_keeps_entries_added_meanwhile() -> None:
+    """A thread started by an earlier child hook may take a tracked lock while the
+    repair runs: its entry must survive the repair (its release() removes it; were it
+    dropped, that release() would raise).  Simulated in process: the one listed object
+    adds such an entry when the repair looks at it."""
+    late = _protect.Lock()
+
+    class Vanished:  # a lock some thread of the parent was inside at the fork
+        def _forkguard_child(self, me: int) -> bool:
+            _protect._enter(late)  # the new thread, meanwhile
+            return False  # freed: not the forking thread's
+
+    saved = _protect._active[:]
+    _protect._active[:] = [Vanished()]
+    try:
+        _protect._child_repairs()
+        assert _protect._active == [late]
+        _protect._leave(late)  # what late.release() does: it finds its entry
+    finally:
+        _protect._active[:] = saved

@@ -260,3 +260,20 @@ def test_forkguard_reset_protocol(holders: list[Holder]) -> None:
         result = run_in_child(child, deadline=OK)
         assert result.status == "ok", result.detail
     assert obj.resets == 0  # never called in the parent
+
+
+@pytest.mark.parametrize("call", ["acquire", "release"])
+def test_a_semaphore_unregistered_during_a_call_in_another_thread(call: str) -> None:
+    """A thread inside a registered semaphore's acquire() or release() when another
+    thread unregisters it: the call completes as a plain semaphore's would.  Simulated
+    in process: the tracking class's method, looked up before the unregister, runs
+    after it."""
+    sem = threading.BoundedSemaphore(1)
+    reg = forkguard.register(sem, policy="hold")
+    method = getattr(type(sem), call)
+    if call == "release":
+        sem.acquire()
+    reg.unregister()
+    assert type(sem) is threading.BoundedSemaphore
+    assert method(sem) is (True if call == "acquire" else None)
+    assert sem._value == (0 if call == "acquire" else 1)  # type: ignore[attr-defined]

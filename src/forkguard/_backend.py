@@ -142,8 +142,8 @@ class NativeBackend:
             RWLOCK: lib.FG_KIND_RWLOCK,
             SEM: lib.FG_KIND_SEM,
         }
-        self._kind_codes = {v: k for k, v in self._kind_ids.items()}
-        self._kind_codes[lib.FG_KIND_HOOKS] = HOOKS
+        # (whole before it is published: another thread may be loading too)
+        self._kind_codes = {**{v: k for k, v in self._kind_ids.items()}, lib.FG_KIND_HOOKS: HOOKS}
         self._type_codes = {
             "normal": lib.FORKGUARD_MUTEX_NORMAL,
             "recursive": lib.FORKGUARD_MUTEX_RECURSIVE,

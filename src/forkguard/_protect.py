@@ -202,9 +202,13 @@ def _child_repairs() -> None:
     forget the waiters of listed conditions."""
     if not _active:
         return
+    # Only the entries seen here are rewritten: a thread started by an earlier child
+    # hook may add entries of its own meanwhile, and must find them at its release().
+    n = len(_active)
+    entries = _active[:n]
     me = _get_ident()
-    kept = {id(obj) for obj in dict.fromkeys(_active) if obj._forkguard_child(me)}
-    _active[:] = [obj for obj in _active if id(obj) in kept] if kept else []
+    kept = {id(obj) for obj in dict.fromkeys(entries) if obj._forkguard_child(me)}
+    _active[:n] = [obj for obj in entries if id(obj) in kept] if kept else []
 
 
 # --------------------------------------------------------------------------

@@ -35,15 +35,19 @@ def _subclass(base: type) -> type:
         ok = bool(base.acquire(self, blocking, timeout))  # type: ignore[attr-defined]
         if ok:
             with self._cond:
-                units = getattr(self, _UNITS)
-                me = threading.get_ident()
-                units[me] = units.get(me, 0) + 1
+                # (None: untracked by another thread since this call began)
+                units = getattr(self, _UNITS, None)
+                if units is not None:
+                    me = threading.get_ident()
+                    units[me] = units.get(me, 0) + 1
         return ok
 
     def release(self: Any, n: int = 1) -> None:
         base.release(self, n)  # type: ignore[attr-defined]
         with self._cond:
-            units = getattr(self, _UNITS)
+            units = getattr(self, _UNITS, None)
+            if units is None:  # untracked by another thread since this call began
+                return
             holders = [threading.get_ident(), *units]  # this thread's units first
             for ident in holders:
                 if n == 0:
@@ -65,8 +69,8 @@ def _subclass(base: type) -> type:
         "release": release,
         "_forkguard_base": base,
     }
-    sub = _SUBCLASSES[base] = type(base.__name__, (base,), namespace)
-    return sub
+    # (setdefault: two threads making it at once end up with the same class)
+    return _SUBCLASSES.setdefault(base, type(base.__name__, (base,), namespace))
 
 
 def track(sem: Any) -> None:
