@@ -290,3 +290,55 @@ def test_the_child_s_repair_keeps_entries_added_meanwhile() -> None:
         _protect._leave(late)  # what late.release() does: it finds its entry
     finally:
         _protect._active[:] = saved
+
+
+def test_two_threads_calling_protect_at_once_get_one_protection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The second call arrives while the first is setting up (simulated: it is made
+    from inside the first's set-up, in a thread the first waits a moment for).  It gets
+    the first's protection; had it patched threading too, undo() would leave a tracked
+    Lock in place of the original."""
+    original = threading.Lock
+    probe = _protect._cpython_io._layout
+    second: list[forkguard.Protection] = []
+
+    def layout_then_a_second_call() -> object:
+        monkeypatch.setattr(_protect._cpython_io, "_layout", probe)  # (once)
+        other = threading.Thread(target=lambda: second.append(forkguard.protect()))
+        other.start()
+        other.join(0.5)  # it waits for the first call's set-up (or, unguarded, runs it)
+        layout_then_a_second_call.thread = other  # type: ignore[attr-defined]
+        return probe()
+
+    monkeypatch.setattr(_protect._cpython_io, "_layout", layout_then_a_second_call)
+    first = forkguard.protect()
+    try:
+        layout_then_a_second_call.thread.join(5)  # type: ignore[attr-defined]
+        assert second == [first]
+    finally:
+        first.undo()
+    assert threading.Lock is original and isinstance(threading.Lock(), RAW_LOCK)
+
+
+def test_an_object_enrolled_while_another_thread_undoes_is_let_go(
+    protection: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """open() in one thread registers the file just as another thread undoes the
+    protection (simulated: the undo runs inside that registration).  The file's
+    registration ends; kept, it would outlive the protection."""
+    from forkguard import _registry
+
+    made: list[Any] = []
+    register = _registry.Registry.register
+
+    def register_then_undo(self: Any, obj: object, *args: Any, **kwargs: Any) -> Any:
+        reg = register(self, obj, *args, **kwargs)
+        made.append(reg)
+        protection.undo()
+        return reg
+
+    monkeypatch.setattr(_registry.Registry, "register", register_then_undo)
+    with open(tmp_path / "f.txt", "w") as f:
+        assert len(made) == 1 and not made[0].active
+        assert f not in [r.target for r in forkguard.registrations()]

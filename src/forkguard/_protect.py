@@ -237,20 +237,22 @@ class Protection:
 
         Tracked locks made meanwhile keep working as locks, no longer repaired."""
         global _current
-        if not self.active:
-            return
-        for owner, name, value in reversed(self._saved):
-            if owner is sys.meta_path:  # an import hook that has not fired yet
-                with contextlib.suppress(ValueError):
-                    sys.meta_path.remove(value)
-            else:
-                setattr(owner, name, value)
-        for reg in list(self._enrolled):
+        with _switch_lock():
+            if not self.active:
+                return
+            self.active = False  # first: an object enrolled from now on is let go
+            for owner, name, value in reversed(self._saved):
+                if owner is sys.meta_path:  # an import hook that has not fired yet
+                    with contextlib.suppress(ValueError):
+                        sys.meta_path.remove(value)
+                else:
+                    setattr(owner, name, value)
+            enrolled = list(self._enrolled)
+            self._saved.clear()
+            self._enrolled.clear()
+            _current = None
+        for reg in enrolled:
             reg.unregister()
-        self._saved.clear()
-        self._enrolled.clear()
-        self.active = False
-        _current = None
 
     def __repr__(self) -> str:
         state = "active" if self.active else "undone"
@@ -262,12 +264,31 @@ class Protection:
 
     def _enroll(self, obj: object) -> None:
         # Not everything found can be reset (a closed file, a raw one ...): skip those.
-        with contextlib.suppress(TypeError, ValueError):
-            self._enrolled.add(_REGISTRY().register(obj))
+        try:
+            reg = _REGISTRY().register(obj)
+        except (TypeError, ValueError):
+            return
+        with _switch_lock():
+            if self.active:
+                self._enrolled.add(reg)
+                return
+        reg.unregister()  # undone meanwhile (by another thread)
 
 
 _current: Protection | None = None
 _hooked = False
+_switch = (os.getpid(), _thread.allocate_lock())
+
+
+def _switch_lock() -> Any:
+    """The lock of protect(), undo() and enrolling: taken by no fork hook, and made
+    afresh in a forked child (where another thread may have held the parent's).  It is
+    held only for bookkeeping and patching, never while registering, unregistering or
+    running foreign code; so it adds no edge to the lock order."""
+    global _switch
+    if _switch[0] != os.getpid():
+        _switch = (os.getpid(), _thread.allocate_lock())
+    return _switch[1]
 
 
 def _REGISTRY() -> _registry.Registry:
@@ -305,35 +326,38 @@ def _after_in_child() -> None:
 
 def protect() -> Protection:
     global _current, _hooked
-    if _current is not None:
-        return _current
-    handle = Protection()
     if not hasattr(os, "register_at_fork"):  # no fork() here (Windows): nothing to do
+        with _switch_lock():
+            if _current is None:
+                _current = Protection()
+                _current.active = True
+            return _current
+    # Import ctypes and probe the io layout now: both open files, which must not
+    # re-enter the open() wrapped below.  (Before the lock: they may take a while.)
+    _cpython_io._layout()
+    reason = _import_locks.unverified()
+    with _switch_lock():  # two threads calling protect() at once get one protection
+        if _current is not None:
+            return _current
+        if not _hooked:
+            os.register_at_fork(after_in_child=_after_in_child)
+            _hooked = True
+        handle = Protection()
+        handle._imports = reason is None
+        handle._patch(threading, "Lock", Lock)
+        handle._patch(threading, "RLock", _rlock)
+        handle._patch(threading, "Condition", Condition)
+        _wrap_open(handle)
+        _wrap_listeners(handle)
         handle.active = True
         _current = handle
-        return handle
-    # Import ctypes and probe the io layout now: both open files, which must not
-    # re-enter the open() wrapped below.
-    _cpython_io._layout()
-    if not _hooked:
-        os.register_at_fork(after_in_child=_after_in_child)
-        _hooked = True
-    reason = _import_locks.unverified()
-    if reason is not None:
+    if reason is not None:  # (after the lock: a warning may run a handler of the user's)
         warnings.warn(
             f"forkguard.protect(): module import locks will not be repaired in children "
             f"on this interpreter ({reason})",
             RuntimeWarning,
             stacklevel=2,
         )
-    handle._imports = reason is None
-    handle._patch(threading, "Lock", Lock)
-    handle._patch(threading, "RLock", _rlock)
-    handle._patch(threading, "Condition", Condition)
-    _wrap_open(handle)
-    _wrap_listeners(handle)
-    handle.active = True
-    _current = handle
     for obj in _findable():
         handle._enroll(obj)
     return handle
