@@ -287,3 +287,29 @@ def test_fork_that_never_happens_still_releases_holds(ext: ModuleType) -> None:
             pass
         _REGISTRY.after_fork_in_parent()  # no fork() in between
         assert not lock.locked()
+
+
+def test_the_child_s_resets_go_on_when_a_registration_comes_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread started by an earlier child hook registers a lock while the child's
+    resets run (simulated: the first reset registers one).  The loop goes on over what
+    it started with; over the live dict it would stop half-way (the dict changed)."""
+    from forkguard import _backend, _registry
+
+    reg = _registry.Registry(_backend.NoForkBackend())
+    locks = [threading.Lock() for _ in range(3)]
+    late = threading.Lock()
+    regs = [reg.register(lock) for lock in locks]
+    reset: list[object] = []
+    real = _registry._LOCK_REINIT
+
+    def reinit(lock: Any) -> None:
+        if not reset:
+            regs.append(reg.register(late))
+        reset.append(lock)
+        real(lock)
+
+    monkeypatch.setattr(_registry, "_LOCK_REINIT", reinit)
+    reg.after_fork_in_child()
+    assert reset == locks

@@ -559,9 +559,11 @@ class Registry:
         # empty (docs/design.md, "What runs at a fork").  The plain objects (see
         # __init__) are reset by plain loops in this one frame: C iterator chains
         # would save time per object, but their temporaries fault more pages.
+        # (Each loop over a copy: a thread started by an earlier child hook may register
+        # or unregister meanwhile, and a changed dict would end the loop half-way.)
         errors: list[BaseException] = []
         if self._plain_locks:
-            for ref in self._plain_locks.values():
+            for ref in list(self._plain_locks.values()):
                 lock = ref()
                 if lock is not None:
                     try:
@@ -569,7 +571,7 @@ class Registry:
                     except BaseException as exc:
                         errors.append(exc)
         if self._plain_rlocks:  # apart from the Locks: the forking thread keeps its own
-            for ref in self._plain_rlocks.values():
+            for ref in list(self._plain_rlocks.values()):
                 lock = ref()
                 if lock is not None and not _RLOCK_IS_OWNED(lock):
                     try:
@@ -577,7 +579,7 @@ class Registry:
                     except BaseException as exc:
                         errors.append(exc)
         if self._waiters:
-            for lists in self._waiters.values():
+            for lists in list(self._waiters.values()):
                 for waiters in lists:
                     if waiters:
                         waiters.clear()
