@@ -279,3 +279,79 @@ def test_a_child_stuck_on_a_file_held_at_the_fork_names_it_and_its_writer(watchi
     assert f"status {forkguard.HANG_EXIT_STATUS}" in proc.stdout, proc.stderr
     assert "waiting for: the buffer lock of <io.BufferedWriter at" in proc.stderr
     assert "thread 'writer'" in proc.stderr and "(as the lock records)" in proc.stderr
+
+
+def _fork_record_in_process(monkeypatch: pytest.MonkeyPatch, during: Any) -> None:
+    """Run watch()'s before-fork hook as a fork that records (every_child), with
+    os.register_at_fork and sys.getswitchinterval replaced: `during(name)` runs inside
+    each, where another forking thread could come in."""
+    from forkguard import _watch
+
+    real_interval = sys.getswitchinterval
+    monkeypatch.setattr(_watch, "_phases_to_install", [True])  # (as in a fresh process)
+    monkeypatch.setattr(_watch, "_hooked", True)  # (its before-hook is called here)
+    monkeypatch.setattr(os, "register_at_fork", lambda **hooks: during("phases"))
+
+    def interval() -> float:
+        during("interval")
+        return real_interval()
+
+    monkeypatch.setattr(sys, "getswitchinterval", interval)
+    handle = _watch.watch(timeout=1.0, every_child=True)
+    try:
+        _watch._before()
+        _watch._after_in_parent()
+    finally:
+        handle.stop()
+
+
+def test_a_second_forking_thread_finds_the_phases_installed_or_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two threads forking at once: the second must not see the phases as installed
+    while the first is still installing them (its child would have no watchdog, and
+    its parent would keep the raised switch interval).  Simulated: what another thread
+    would see, looked at from inside the installation."""
+    from forkguard import _watch
+
+    seen: list[tuple[str, bool]] = []
+
+    def during(name: str) -> None:
+        if name == "phases":
+            seen.append((name, bool(_watch._phases_to_install)))
+
+    _fork_record_in_process(monkeypatch, during)
+    assert seen == [("phases", True)] and _watch._phases_to_install == []
+
+
+def test_the_switch_interval_is_saved_once_and_restored_by_the_last_fork(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread's fork that records while this one saves the interval
+    (simulated: it runs from inside this fork's getswitchinterval, in a thread this
+    one waits a moment for): the interval saved must be the program's own (not the
+    other fork's raised one), restored once both forks are over."""
+    import threading
+
+    from forkguard import _watch
+
+    before = sys.getswitchinterval()  # (before the replacement)
+    others: list[threading.Thread] = []
+
+    def during(name: str) -> None:
+        if name == "interval" and not others:
+
+            def other_fork() -> None:
+                _watch._before()
+                _watch._after_in_parent()
+
+            others.append(threading.Thread(target=other_fork))
+            others[0].start()
+            others[0].join(0.5)  # it waits for this fork's bookkeeping (or, unguarded, runs)
+
+    _fork_record_in_process(monkeypatch, during)
+    others[0].join(10)
+    left = (_watch._records.copy(), _watch._switch.copy(), sys.getswitchinterval())
+    _watch._switch.clear()
+    sys.setswitchinterval(before)  # (whatever happened: the next tests need it)
+    assert left == ({}, [], before)

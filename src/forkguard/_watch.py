@@ -47,7 +47,6 @@ makes Python warn about forking a multi-threaded process.
 from __future__ import annotations
 
 import _thread
-import contextlib
 import gc
 import math
 import os
@@ -479,6 +478,18 @@ _NATIVE_EVERY = 32
 # restored by the last.
 _records: dict[int, Record] = {}
 _switch: list[float] = []  # [the interval before the first outstanding record]
+_bookkeeping = (os.getpid(), _thread.allocate_lock())
+
+
+def _records_lock() -> Any:
+    """Held around the phases' installation and the switch interval's save and
+    restore, in the parent only, and never while waiting for anything: those calls
+    wait for nothing.  Made afresh in a forked child (another thread may have held
+    the parent's)."""
+    global _bookkeeping
+    if _bookkeeping[0] != os.getpid():
+        _bookkeeping = (os.getpid(), _thread.allocate_lock())
+    return _bookkeeping[1]
 
 
 def _before() -> None:
@@ -523,19 +534,21 @@ def _before() -> None:
     if not (taken or native or w._every_child):
         return  # nothing a child could be found stuck on: the child does nothing
     _records[me] = Record(taken or [], native)
-    if _phases_to_install:
-        with contextlib.suppress(IndexError):  # (pop: one thread installs them)
-            _phases_to_install.pop()
+    # (Under the lock: another thread may be forking too, and must neither fork
+    # before the phases exist nor save the raised interval as the one to restore.)
+    with _records_lock():
+        if _phases_to_install:
             # The other two phases, installed by the first fork that needs them
             # (CPython copies a phase's list when it runs it: this fork's child runs
-            # its hook).
+            # its hook).  The flag goes only once they are in.
             os.register_at_fork(after_in_child=_after_in_child, after_in_parent=_after_in_parent)
-    # A thread that runs between this look and the fork can move on and take a
-    # lock.  A long switch interval keeps the GIL with this thread until the fork (a
-    # thread already waiting for the GIL may still ask for it once).
-    if not _switch:
-        _switch.append(sys.getswitchinterval())
-    sys.setswitchinterval(_HOLD_GIL)
+            _phases_to_install.clear()
+        # A thread that runs between this look and the fork can move on and take a
+        # lock.  A long switch interval keeps the GIL with this thread until the fork
+        # (a thread already waiting for the GIL may still ask for it once).
+        if not _switch:
+            _switch.append(sys.getswitchinterval())
+        sys.setswitchinterval(_HOLD_GIL)
 
 
 def _held(rec: Record, known: _Known, lock_type: str, owner: int | None) -> Held:
@@ -622,8 +635,10 @@ def _qualname(code: Any) -> str:
 
 
 def _after_in_parent() -> None:
-    if _records.pop(_get_ident(), None) is not None and not _records and _switch:
-        sys.setswitchinterval(_switch.pop())
+    if _records.pop(_get_ident(), None) is not None:
+        with _records_lock():  # the last outstanding record restores the interval
+            if not _records and _switch:
+                sys.setswitchinterval(_switch.pop())
     if _dog is not None:
         _dog.start()
 
