@@ -355,3 +355,36 @@ def test_the_switch_interval_is_saved_once_and_restored_by_the_last_fork(
     _watch._switch.clear()
     sys.setswitchinterval(before)  # (whatever happened: the next tests need it)
     assert left == ({}, [], before)
+
+
+def test_a_lock_learned_during_a_rebuild_of_the_look_s_lists_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lock learned (or a file gone) while another call rebuilds the lists the look
+    reads: a garbage collection's callback inside the rebuild, or another thread.  The
+    rebuild from the older table must not be the last word (simulated: the table adds
+    a lock and asks for a rebuild just as it is read)."""
+    import threading
+    import types
+    import weakref
+
+    from forkguard import _watch
+
+    first, late = threading.Lock(), threading.Lock()
+    entry = {id(first): types.SimpleNamespace(owner=None, lock=weakref.ref(first))}
+
+    class Table(dict[int, Any]):
+        def values(self) -> Any:  # type: ignore[override]
+            older = list(super().values())
+            if id(late) not in self:  # meanwhile: a lock learned, the lists asked for
+                self[id(late)] = types.SimpleNamespace(owner=None, lock=weakref.ref(late))
+                _watch._index()
+            return older
+
+    monkeypatch.setattr(_watch, "_at_fork", Table(entry))
+    try:
+        _watch._index()
+        assert {ref() for ref in _watch._lock_refs} == {first, late}
+    finally:
+        monkeypatch.undo()
+        _watch._index()  # (the real table's lists again)

@@ -231,17 +231,46 @@ def _forget(key: int, known: _Known) -> None:
 
 
 def _index() -> None:
-    """The look before a fork reads these two lists, rebuilt (never changed in place)
+    """The look before a fork reads two lists, rebuilt (never changed in place)
     whenever the locks looked at change: owner fields of files, weak references to
-    the other locks.  A loop over them allocates nothing per lock."""
+    the other locks.  A loop over them allocates nothing per lock.
+
+    Any thread may change them (a lock learned as it is made, a file gone at a
+    garbage collection, whose callback may even run inside a rebuild): each call
+    marks the lists stale, and whichever thread gets the lock rebuilds them until no
+    call came meanwhile, so a change is never lost to a rebuild from an older look at
+    the table.  No call waits."""
+    global _stale
+    _stale = True
+    lock = _index_lock()
+    while _stale and lock.acquire(False):
+        try:
+            while _stale:
+                _stale = False
+                _rebuild()
+        finally:
+            lock.release()
+
+
+def _rebuild() -> None:
     global _file_words, _lock_refs
     known = list(_at_fork.values())
     _file_words = [k.owner for k in known if k.owner is not None]
     _lock_refs = [k.lock for k in known if k.owner is None]
 
 
+def _index_lock() -> Any:
+    """(Made afresh in a forked child: another thread may have held the parent's.)"""
+    global _indexing
+    if _indexing[0] != os.getpid():
+        _indexing = (os.getpid(), _thread.allocate_lock())
+    return _indexing[1]
+
+
 _file_words: list[Any] = []
 _lock_refs: list[Any] = []
+_stale = False
+_indexing = (os.getpid(), _thread.allocate_lock())
 
 
 _known: dict[int, _Known] = {}  # id(lock) -> what is known of it
