@@ -717,23 +717,28 @@ class _Watchdog:
 
     def start(self) -> None:
         """After a fork in this process (and at first): run again once no fork is
-        under way."""
-        self.forks -= 1
-        if self.forks:
-            return
-        self.stop_ = _thread.allocate_lock()
-        self.stop_.acquire()
-        self.done = _thread.allocate_lock()
-        self.done.acquire()
-        self.position = None
-        _thread.start_new_thread(self._run, ())
+        under way.  (The count under the parent-side lock: two threads may fork at
+        once, and a lost update would leave the thread stopped, or running at a fork.)"""
+        with _records_lock():
+            self.forks -= 1
+            if self.forks:
+                return
+            self.stop_ = _thread.allocate_lock()
+            self.stop_.acquire()
+            self.done = _thread.allocate_lock()
+            self.done.acquire()
+            self.position = None
+            _thread.start_new_thread(self._run, ())  # (it takes no lock of ours)
 
     def pause(self) -> None:
         """Before a fork in this process: stop the thread and wait for it to end, so
         the new child is forked from a process without it."""
-        self.forks += 1
-        if self.forks == 1:
-            self.stop_.release()
+        with _records_lock():
+            self.forks += 1
+            first = self.forks == 1
+            if first:
+                self.stop_.release()
+        if first:  # (not under the lock: this waits)
             self.done.acquire(timeout=5.0)
 
     def _run(self) -> None:
