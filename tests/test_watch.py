@@ -388,3 +388,22 @@ def test_a_lock_learned_during_a_rebuild_of_the_look_s_lists_is_not_lost(
     finally:
         monkeypatch.undo()
         _watch._index()  # (the real table's lists again)
+
+
+def test_a_collection_wraps_logging_s_handlers_only_while_no_watch_call_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """logging imported after watch(): the next garbage collection wraps its Handler's
+    __init__, but not while a watch() call (in any thread) is wrapping: a class
+    wrapped twice would learn each handler twice."""
+    from forkguard import _watch
+
+    calls: list[str] = []
+    monkeypatch.setattr(_watch, "_wrapped", set())  # (logging not wrapped yet)
+    monkeypatch.setattr(_watch, "_wrap_inits", lambda: calls.append("wrap"))
+    monkeypatch.setattr(_watch, "_learn", lambda objects: None)
+    with _watch._setup_lock():  # a watch() call under way
+        _watch._on_gc("start", {})
+    assert calls == []
+    _watch._on_gc("start", {})
+    assert calls == ["wrap"]

@@ -388,7 +388,14 @@ def _on_gc(phase: str, info: dict[str, int]) -> None:
         _learn(gc.get_objects(0))
         _learn_std_files()
         if "logging" in sys.modules and len(_wrapped) < 5:  # logging came after watch()
-            _wrap_inits()
+            # (Only while no watch() runs: it wraps them itself.  A collection can run
+            # in any thread, inside watch() too: never waited for.)
+            lock = _setup_lock()
+            if lock.acquire(False):
+                try:
+                    _wrap_inits()
+                finally:
+                    lock.release()
 
 
 def _set_gc_callback(on: bool) -> None:
