@@ -9,6 +9,7 @@ interpreters have no limited API: their wheels are tagged for their own version.
 """
 
 import os
+import shutil
 import sys
 import sysconfig
 
@@ -16,20 +17,22 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 NO_COMPILER = """\
-forkguard could not compile its C core ({error}).
+forkguard could not compile its C core ({error}): {missing}.
 
 It needs a C compiler and the Python headers:
   Debian, Ubuntu:   apt install gcc python3-dev
   Fedora, RHEL:     dnf install gcc python3-devel
   Alpine:           apk add gcc musl-dev python3-dev
   macOS:            xcode-select --install
-Or install a prebuilt wheel instead of building: pip install --only-binary :all: forkguard
+Or, where a prebuilt wheel exists for this platform and Python, install that instead:
+  pip install --only-binary forkguard forkguard
 """
 
 
 class BuildExt(build_ext):
-    """build_ext whose compile failure says what to install (setuptools' own message
-    names only the command that failed)."""
+    """build_ext whose compile failure says what to install when the compiler or the
+    Python headers are missing (setuptools' own message names only the command that
+    failed).  Any other failure is left as it is."""
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
         from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
@@ -37,8 +40,18 @@ class BuildExt(build_ext):
         try:
             super().build_extension(ext)
         except (CCompilerError, CompileError, ExecError, LinkError) as exc:
-            sys.stderr.write(NO_COMPILER.format(error=exc))
+            missing = self._missing(str(exc))
+            if missing:
+                sys.stderr.write(NO_COMPILER.format(error=exc, missing=missing))
             raise
+
+    def _missing(self, error: str) -> str | None:
+        command = getattr(self.compiler, "compiler", None) or []
+        if command and shutil.which(command[0]) is None:
+            return f"no C compiler: {command[0]!r} was not found"
+        if "Python.h" in error:
+            return "no Python headers: Python.h was not found"
+        return None
 
 
 def limited_api() -> bool:

@@ -39,11 +39,12 @@ def main(argv: list[str]) -> int:
     repository, ref = argv[1].rstrip("/"), argv[2]
     root = Path(__file__).resolve().parent.parent
     readme, project = root / "README.md", root / "pyproject.toml"
-    readme.write_text(absolute_links(readme.read_text(), f"{repository}/blob/{ref}/"))
-    text = project.read_text()
+    base = f"{repository}/blob/{ref}/"
+    readme.write_text(absolute_links(readme.read_text("utf-8"), base), "utf-8")
+    text = project.read_text("utf-8")
     if "[project.urls]" not in text:
         # (appended after everything: a TOML table runs to the next header)
-        project.write_text(text.rstrip("\n") + "\n" + urls_table(repository, ref))
+        project.write_text(text.rstrip("\n") + "\n" + urls_table(repository, ref), "utf-8")
     return 0
 
 

@@ -46,6 +46,7 @@ def test_a_build_without_a_compiler_says_what_to_install(source_tree: Path, tmp_
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert "forkguard could not compile its C core" in output, output[-3000:]
+    assert "no C compiler: " in output and "no-such-cc" in output
     assert "apt install gcc python3-dev" in output and "xcode-select --install" in output
 
 
