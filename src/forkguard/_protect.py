@@ -129,7 +129,7 @@ class Lock:
             return False
         if not block.locked():
             # Taken at the OS level by a waiter that had not yet got the GIL back to say
-            # so (3.10-3.12): release() would refuse, so a fresh lock.
+            # so (3.10-3.13): release() would refuse, so a fresh lock.
             block._at_fork_reinit()
         elif getattr(self, "_owner", 0) == me:  # unset: never acquired
             return True

@@ -30,7 +30,7 @@ Switched on, each fork does this:
   one held).  ``action="exit"`` then ends the child with ``HANG_EXIT_STATUS``.
   (The doctor, ``every_child``, records at every fork and watches every child.)
 
-Locks are tried, not asked: on 3.10-3.12 ``locked()`` lags behind a lock taken by a
+Locks are tried, not asked: on 3.10-3.13 ``locked()`` lags behind a lock taken by a
 thread still waiting for the GIL, and a fork can come in between (``held_now()``).
 
 The known locks are those ``audit()`` looks at (queues, conditions, semaphores,
