@@ -143,3 +143,36 @@ def test_bad_command_lines_are_refused() -> None:
     ):
         status, _, err = doctor(*args)
         assert status == 2 and message in err, (args, err)
+
+
+def test_a_doctor_killed_outright_takes_its_program_with_it(tmp_path: Path) -> None:
+    """The program runs in a session of its own: a doctor killed with SIGKILL (a test's
+    timeout, say) must not leave it running for ever."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    pid_file = tmp_path / "pid"
+    program = tmp_path / "sleeper.py"
+    program.write_text(
+        "import os, sys, time\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "forkguard", "doctor", str(program)])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the program did not start"
+            time.sleep(0.05)
+        pid = int(pid_file.read_text())
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # raises once it is gone
+            time.sleep(0.05)
+    except ProcessLookupError:
+        return
+    os.kill(pid, 9)  # (not left behind by this test either)
+    pytest.fail("the program outlived its doctor")

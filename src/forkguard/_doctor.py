@@ -134,6 +134,7 @@ def program() -> int:
 
     settings = json.loads(os.environ.pop(_ENV))
     events, timeout = settings["events"], float(settings["timeout"])
+    _end_with_the_doctor()
     seen: set[tuple[str, str]] = set()
 
     def on_fork() -> None:
@@ -157,6 +158,22 @@ def program() -> int:
     argv = sys.argv[1:]
     module, target = (argv[1], argv[2:]) if argv[:1] == ["-m"] else (None, argv)
     return _run.run(module, target, parser=parser, setup=lambda: None)
+
+
+def _end_with_the_doctor() -> None:
+    """The program runs in a session of its own, so a doctor killed outright (SIGKILL,
+    a test's timeout) would leave it running for ever: on Linux the kernel ends it
+    when the doctor goes (PR_SET_PDEATHSIG).  Its children stuck on a lock are ended
+    by their watchdogs; the others end when their parent does."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    doctor = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != doctor:  # (the doctor went before the call)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _append(path: str, line: str) -> None:
