@@ -176,3 +176,17 @@ def test_a_doctor_killed_outright_takes_its_program_with_it(tmp_path: Path) -> N
         return
     os.kill(pid, 9)  # (not left behind by this test either)
     pytest.fail("the program outlived its doctor")
+
+
+def test_a_program_whose_doctor_is_already_gone_ends_at_once() -> None:
+    """The doctor can go before its program asks the kernel to follow it: the program
+    then has another parent already, and must see that from the doctor's own pid."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    code = "import os, sys\nfrom forkguard._doctor import _end_with_the_doctor as end\n"
+    code += "end(int(sys.argv[1]))\nprint('still here')\n"
+    # Its parent is this test (it stays), or pid 0, no process's (the doctor has gone).
+    for doctor, status, out in ((os.getpid(), 0, b"still here\n"), (0, -9, b"")):
+        args = [sys.executable, "-c", code, str(doctor)]
+        ran = subprocess.run(args, check=False, capture_output=True, timeout=60)
+        assert (ran.returncode, ran.stdout) == (status, out), (doctor, ran)

@@ -61,6 +61,21 @@ def ask(sock: str, path: str, server: subprocess.Popen[bytes]) -> str | None:
         conn.close()
 
 
+def wait_until_listening(sock: str, server: subprocess.Popen[bytes], stderr: Path) -> None:
+    """Until a connection is taken.  The socket's file appears at bind(), before listen():
+    a loaded machine can pause the master in between, and every connect() then is refused."""
+    deadline = time.monotonic() + 30
+    while True:
+        assert server.poll() is None, stderr.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, "gunicorn did not start listening in 30 s"
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(sock)
+                return  # listening: the master hands the connection to a worker, or drops it
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.05)
+
+
 def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool) -> dict[str, Any]:
     sock, errors = str(tmp_path / "gunicorn.sock"), tmp_path / "error.log"
     stderr = tmp_path / "stderr.txt"  # a file: a pipe nobody reads could block the server
@@ -81,11 +96,7 @@ def serve(tmp_path: Path, protect: bool, requests: int, stop_at_first_hang: bool
     answered: list[str] = []
     failures: list[str] = []
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert server.poll() is None, stderr.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.05)
+        wait_until_listening(sock, server, stderr)
         deadline = time.monotonic() + 90  # workers that never answer end the test too
         for i in range(requests):
             if time.monotonic() > deadline:

@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any
 
-_ENV = "FORKGUARD_DOCTOR"  # {"events": folder, "timeout": seconds}, for the program
+_ENV = "FORKGUARD_DOCTOR"  # {"events": folder, "timeout": seconds, "doctor": pid}
 _FORKS = "forks.jsonl"
 _PROGRAM = "import sys; from forkguard._doctor import program; sys.exit(program())"
 
@@ -49,7 +49,7 @@ def run(
         parser.error(f"can't open file {target[0]!r}: no such file")
     with tempfile.TemporaryDirectory(prefix="forkguard-doctor-") as events:
         env = dict(os.environ)
-        env[_ENV] = json.dumps({"events": events, "timeout": timeout})
+        env[_ENV] = json.dumps({"events": events, "timeout": timeout, "doctor": os.getpid()})
         argv = ["-m", module, *target] if module is not None else target
         status, stopped = _supervise([sys.executable, "-c", _PROGRAM, *argv], env, events, timeout)
         summary = _summary(events, status, stopped)
@@ -134,7 +134,7 @@ def program() -> int:
 
     settings = json.loads(os.environ.pop(_ENV))
     events, timeout = settings["events"], float(settings["timeout"])
-    _end_with_the_doctor()
+    _end_with_the_doctor(int(settings["doctor"]))
     seen: set[tuple[str, str]] = set()
 
     def on_fork() -> None:
@@ -160,7 +160,7 @@ def program() -> int:
     return _run.run(module, target, parser=parser, setup=lambda: None)
 
 
-def _end_with_the_doctor() -> None:
+def _end_with_the_doctor(doctor: int) -> None:
     """The program runs in a session of its own, so a doctor killed outright (SIGKILL,
     a test's timeout) would leave it running for ever: on Linux the kernel ends it
     when the doctor goes (PR_SET_PDEATHSIG).  Its children stuck on a lock are ended
@@ -169,10 +169,11 @@ def _end_with_the_doctor() -> None:
         return
     import ctypes
 
-    doctor = os.getppid()
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != doctor:  # (the doctor went before the call)
+    # The doctor's pid comes from the doctor: one that went before this process got
+    # here would already have handed it to another parent, and getppid() tells no more.
+    if os.getppid() != doctor:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
