@@ -192,6 +192,10 @@ static struct {
 #define TLS_GATE 2u   /* holds win.lock */
 #define TLS_REG 4u    /* holds reg.lock */
 #define TLS_INSTALL 8u /* installing the pthread_atfork handlers (ensure_handlers) */
+/* The default TLS model: initial-exec would spare every child two copied pages
+ * (__tls_get_addr's, and the block dlopen malloc'd), but it takes static TLS
+ * room, and where other libraries have used it up, importing forkguard would
+ * fail. */
 static _Thread_local volatile unsigned int tls_state;
 static _Thread_local unsigned int tls_pass;
 static _Thread_local uint32_t tls_pass_reg;
@@ -793,10 +797,18 @@ static void atfork_prepare(void)
     errno = saved_errno;
 }
 
+/* A child's copy of a lock the forking thread held: a fresh one, which needs no
+ * owner (an error-checking implementation would refuse the old owner's unlock).
+ * Stored from immediates, not copied from a constant, whose page a child has
+ * not touched. */
+static void renew_lock(pthread_mutex_t *lock)
+{
+    *lock = (pthread_mutex_t)PTHREAD_MUTEX_INITIALIZER;
+}
+
 /* Leave a pass-through level; `child` re-creates the lock it took. */
 static int pass_end(int child)
 {
-    static const pthread_mutex_t fresh_lock = PTHREAD_MUTEX_INITIALIZER;
     if (tls_pass == 0)
         return 0;
     tls_pass--;
@@ -804,7 +816,7 @@ static int pass_end(int child)
     if (tls_pass_reg & bit) {
         tls_pass_reg &= ~bit;
         if (child) {
-            memcpy(&reg.lock, &fresh_lock, sizeof reg.lock);
+            renew_lock(&reg.lock);
             tls_clear(TLS_REG);
         } else {
             reg_unlock();
@@ -840,7 +852,6 @@ static void atfork_parent(void)
 
 static void atfork_child(void)
 {
-    static const pthread_mutex_t fresh_lock = PTHREAD_MUTEX_INITIALIZER;
     int saved_errno = errno;
     /* Running, so installed (the parent may not have recorded it yet).  Written
      * only then: a store would copy this page into every child. */
@@ -853,7 +864,7 @@ static void atfork_child(void)
         /* A vanished thread may have held the window lock (this one does
          * not): free it for the child. */
         if (!(tls_state & TLS_GATE))
-            memcpy(&win.lock, &fresh_lock, sizeof win.lock);
+            renew_lock(&win.lock);
         errno = saved_errno;
         return;
     }
@@ -873,8 +884,8 @@ static void atfork_child(void)
     }
     /* This thread owns both locks, but an error-checking implementation would
      * refuse the unlock (the thread id changed); fresh copies need no owner. */
-    memcpy(&reg.lock, &fresh_lock, sizeof reg.lock);
-    memcpy(&win.lock, &fresh_lock, sizeof win.lock);
+    renew_lock(&reg.lock);
+    renew_lock(&win.lock);
     tls_state = TLS_WINDOW; /* hooks still may not register */
     for (uint32_t k = 0; k < win.nhooks; k++) {
         fg_active *a = win.hooks[k];
