@@ -155,6 +155,9 @@ def _flags() -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
         # child handler's) would otherwise be resolved there, in every child, writing
         # the GOT page (a copy-on-write fault) after a symbol lookup.
         link_args.append("-Wl,-z,now")
+        # And call them through the GOT, already filled: a call through a PLT stub
+        # (errno's, in the child handler) would fault the stubs' page into every child.
+        compile_args.append("-fno-plt")
     macros: list[tuple[str, str | None]] = []
     if os.environ.get("FORKGUARD_PORTABLE") == "1":
         macros.append(("FG_PORTABLE", "1"))
