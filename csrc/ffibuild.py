@@ -96,6 +96,7 @@ const forkguard_api *fg_api(void);
 const char *fg_capsule_name(void);
 int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int value,
                       int policy, double timeout, const char *name);
+int fgpy_reset_plain(uintptr_t plain);
 static const double FORKGUARD_DEFAULT_TIMEOUT;
 static const double FORKGUARD_TIMEOUT_MAX;
 int fg_features(void);
@@ -116,6 +117,7 @@ PREAMBLE = """
 #define FG_ALIGNOF_RWLOCK _Alignof(pthread_rwlock_t)
 #define FG_ALIGNOF_SEM _Alignof(sem_t)
 static const char *fg_capsule_name(void) { return FORKGUARD_CAPSULE_NAME; }
+#include "forkguard_plain.c" /* the child's reset of plain Python locks */
 
 /* Python's registration path: the object as an address, and the handle (> 0,
  * handles fit in 63 bits) or an error code (< 0) as the result, so that no
@@ -176,7 +178,8 @@ ffibuilder.set_source(
     # the file, and setuptools recompiles instead of reusing an older build/.
     f"/* flags: {' '.join(_args + _link_args)} {_macros} */\n{PREAMBLE}",
     sources=[os.path.relpath(HERE / "forkguard_core.c")],
-    depends=[os.path.relpath(HERE / "forkguard_core.h"), os.path.relpath(INCLUDE / "forkguard.h")],
+    depends=[os.path.relpath(HERE / name) for name in ("forkguard_core.h", "forkguard_plain.c")]
+    + [os.path.relpath(INCLUDE / "forkguard.h")],
     include_dirs=[os.path.relpath(HERE), os.path.relpath(INCLUDE)],
     extra_compile_args=_args,
     extra_link_args=_link_args,

@@ -82,7 +82,8 @@ def test_no_python_runs_in_the_parent(setup: str, child: list[str]) -> None:
     assert calls_at_fork(setup) == {"child": child, "parent": []}
 
 
-@pytest.mark.parametrize("n", [1, 100])
+# 200 of each: over PLAIN_IN_C_FROM plain locks, so the child resets them in C.
+@pytest.mark.parametrize("n", [1, 100, 200])
 def test_plain_locks_queues_and_conditions_cost_one_python_call_in_all(n: int) -> None:
     calls = calls_at_fork(
         f"""
@@ -91,6 +92,8 @@ def test_plain_locks_queues_and_conditions_cost_one_python_call_in_all(n: int) -
         keep += [queue.Queue() for _ in range({n})]
         keep += [threading.Condition() for _ in range({n})]
         regs = [forkguard.register(obj) for obj in keep]
+        in_c = forkguard._REGISTRY._reset_plain is not None
+        assert in_c == ({n} * 3 >= forkguard._registry.PLAIN_IN_C_FROM), in_c
         """
     )
     assert calls == {"child": ["after_fork_in_child"], "parent": []}, calls

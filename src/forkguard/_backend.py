@@ -13,6 +13,7 @@ import os
 # Not imported at run time: `import forkguard` stays cheap (docs/design.md, "Import").
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any, Final, Protocol
 else:
     Protocol = object
@@ -88,6 +89,7 @@ class Backend(Protocol):
     def handles(self) -> list[int]: ...
     def last_fork_timeouts(self) -> int: ...
     def count(self) -> int: ...
+    def reset_plain_function(self) -> Callable[[int], int] | None: ...
 
 
 def alignment(kind: str) -> int:
@@ -328,6 +330,14 @@ class NativeBackend:
     def count(self) -> int:
         return int(self._lib.fg_count()) if self._loaded() else 0
 
+    def reset_plain_function(self) -> Callable[[int], int] | None:
+        """The C loop of a child's reset of plain locks (csrc/forkguard_plain.c), loading
+        the core if need be; None if it cannot be loaded (the Python loops do it then)."""
+        try:
+            return self._lib.fgpy_reset_plain
+        except (ImportError, OSError):
+            return None
+
 
 _BUSY = (
     "cannot register or unregister C objects from inside a fork handler running in the "
@@ -399,6 +409,9 @@ class NoForkBackend:
 
     def count(self) -> int:
         return len(self._live)
+
+    def reset_plain_function(self) -> Callable[[int], int] | None:
+        return None  # nothing forks
 
     def handles(self) -> list[int]:
         return list(self._live)

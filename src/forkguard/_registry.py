@@ -233,6 +233,19 @@ class Registry:
         self._plain_locks: dict[int, weakref.ref[Any]] = {}
         self._plain_rlocks: dict[int, weakref.ref[Any]] = {}
         self._waiters: dict[int, tuple[Any, ...]] = {}
+        # Once there are many of them, the child walks those three in C (backend's
+        # reset_plain(): a Python loop writes each weak reference it walks, a page
+        # fault per page of them).  Everything it needs, in one tuple it finds by id().
+        self._plain = (
+            self._plain_locks,
+            self._plain_rlocks,
+            self._waiters,
+            _LOCK_REINIT,
+            _RLOCK_REINIT,
+            _RLOCK_IS_OWNED,
+        )
+        self._plain_id = id(self._plain)
+        self._reset_plain: Callable[[int], int] | None = None
         self._c_holds: dict[int, Registration] = {}  # C objects, policy "hold"
         self._by_key: dict[tuple[str, int], Registration] = {}
         self._tokens = itertools.count(1)
@@ -347,6 +360,12 @@ class Registry:
                 bucket[reg._token] = entry
             self._objects[reg._token] = reg
             self._by_key[target.key] = reg
+        if (
+            self._reset_plain is None
+            and len(self._plain_locks) + len(self._plain_rlocks) >= PLAIN_IN_C_FROM
+        ):
+            # (Outside the registry's lock: this may load the C core, an import.)
+            self._reset_plain = self.backend.reset_plain_function()
         return reg
 
     def need_fork_phases(self, phases: int) -> None:
@@ -562,27 +581,31 @@ class Registry:
         # (Each loop over a copy: a thread started by an earlier child hook may register
         # or unregister meanwhile, and a changed dict would end the loop half-way.)
         errors: list[BaseException] = []
-        if self._plain_locks:
-            for ref in list(self._plain_locks.values()):
-                lock = ref()
-                if lock is not None:
-                    try:
-                        _LOCK_REINIT(lock)
-                    except BaseException as exc:
-                        errors.append(exc)
-        if self._plain_rlocks:  # apart from the Locks: the forking thread keeps its own
-            for ref in list(self._plain_rlocks.values()):
-                lock = ref()
-                if lock is not None and not _RLOCK_IS_OWNED(lock):
-                    try:
-                        _RLOCK_REINIT(lock)
-                    except BaseException as exc:
-                        errors.append(exc)
-        if self._waiters:
-            for lists in list(self._waiters.values()):
-                for waiters in lists:
-                    if waiters:
-                        waiters.clear()
+        reset_plain = self._reset_plain
+        # In C when there are many; these loops otherwise, or again after a failure
+        # there (they do the same, and report what failed).
+        if reset_plain is None or reset_plain(self._plain_id) != 0:
+            if self._plain_locks:
+                for ref in list(self._plain_locks.values()):
+                    lock = ref()
+                    if lock is not None:
+                        try:
+                            _LOCK_REINIT(lock)
+                        except BaseException as exc:
+                            errors.append(exc)
+            if self._plain_rlocks:  # apart from the Locks: the forking thread keeps its own
+                for ref in list(self._plain_rlocks.values()):
+                    lock = ref()
+                    if lock is not None and not _RLOCK_IS_OWNED(lock):
+                        try:
+                            _RLOCK_REINIT(lock)
+                        except BaseException as exc:
+                            errors.append(exc)
+            if self._waiters:
+                for lists in list(self._waiters.values()):
+                    for waiters in lists:
+                        if waiters:
+                            waiters.clear()
         if self._forks or self._resets or self._holds or self._hooks:
             self._child_others(errors)
         if errors:
@@ -632,6 +655,11 @@ class Registry:
             _warn_timeout(what, None, stacklevel=4)
 
 
+# From this many plain locks on, the child resets them in C.  The call into C costs a
+# child about 6 pages of its own (the C module's code and cffi's), the Python loop one
+# per 60 or so weak references it walks: even at about 500 (child page faults measured
+# with 16 to 10,000 registered Locks, against the Python loop and a hand-written one).
+PLAIN_IN_C_FROM = 512
 _LOCK_REINIT = _targets.LOCK_REINIT
 _RLOCK_REINIT = _targets.RLOCK_REINIT
 _RLOCK_IS_OWNED = _targets.RLOCK_IS_OWNED

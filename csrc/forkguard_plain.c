@@ -1,0 +1,123 @@
+/*
+ * The child's reset of the plain Python registrations, in C.
+ *
+ * Included by the cffi module's source (csrc/ffibuild.py), after Python.h, with
+ * the limited API cffi chooses.  The core (forkguard_core.c) knows nothing of
+ * Python; this is the one place where C code calls into the interpreter.
+ *
+ * Registry.after_fork_in_child() resets the registrations whose whole reset is a
+ * threading Lock or RLock re-initialised and Conditions' waiter lists emptied.
+ * A Python loop over them takes a reference to every weak reference it walks,
+ * which writes the weak reference: one copy-on-write page fault per page of weak
+ * references, in every child (about 200 for 10,000 locks).  Here each weak
+ * reference is only read and called, so a child writes the same pages a
+ * hand-written loop over the locks would: the locks' own.
+ */
+
+/* Calls `fn(obj)`, or `fn()` when obj is NULL: 0, or -1 with the error cleared. */
+static int plain_call(PyObject *fn, PyObject *obj, PyObject **result)
+{
+    *result = PyObject_CallFunctionObjArgs(fn, obj, NULL);
+    if (*result != NULL)
+        return 0;
+    PyErr_Clear();
+    return -1;
+}
+
+/* Re-initialise every live lock of `refs` (a dict of weak references) with
+ * `reinit`, skipping those `is_owned` (if given) says this thread owns. */
+static int plain_locks(PyObject *refs, PyObject *reinit, PyObject *is_owned)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *ref, *lock, *out;
+    int rc = 0;
+    /* Borrowed references throughout: nothing here runs Python code (these
+     * are CPython's C locks and their C methods), so no entry can go meanwhile. */
+    while (PyDict_Next(refs, &pos, &key, &ref)) {
+        if (plain_call(ref, NULL, &lock) < 0) {
+            rc = -1;
+            continue;
+        }
+        if (lock != Py_None) {
+            int skip = 0;
+            if (is_owned != NULL) {
+                if (plain_call(is_owned, lock, &out) < 0) {
+                    skip = -1;
+                } else {
+                    skip = PyObject_IsTrue(out);
+                    Py_DECREF(out);
+                    if (skip < 0)
+                        PyErr_Clear();
+                }
+            }
+            if (skip == 0 && plain_call(reinit, lock, &out) == 0)
+                Py_DECREF(out);
+            else if (skip == 0)
+                skip = -1;
+            if (skip < 0)
+                rc = -1;
+        }
+        Py_DECREF(lock);
+    }
+    return rc;
+}
+
+/* Empty every non-empty waiter list of `waiters` (a dict of tuples of deques). */
+static int plain_waiters(PyObject *waiters)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *lists, *out;
+    int rc = 0;
+    while (PyDict_Next(waiters, &pos, &key, &lists)) {
+        /* Held: a waiter list's len() could be Python code (a deque subclass) that
+         * ends a registration, and with it this tuple. */
+        Py_INCREF(lists);
+        Py_ssize_t n = PyTuple_Size(lists);
+        if (n < 0) {
+            PyErr_Clear();
+            rc = -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *deque = PyTuple_GetItem(lists, i);
+            Py_ssize_t len = deque != NULL ? PyObject_Size(deque) : -1;
+            if (len == 0)
+                continue; /* the usual case: only read */
+            if (len > 0 && (out = PyObject_CallMethod(deque, "clear", NULL)) != NULL) {
+                Py_DECREF(out);
+                continue;
+            }
+            PyErr_Clear();
+            rc = -1;
+        }
+        Py_DECREF(lists);
+    }
+    return rc;
+}
+
+/* `plain` is the id() of Registry._plain: (Lock weak references, RLock weak
+ * references, waiter lists, Lock._at_fork_reinit, RLock._at_fork_reinit,
+ * RLock._is_owned), kept alive by the registry.  Everything is attempted; 0 if
+ * all went well, else -1, with no exception left set: the caller then runs its
+ * Python loops, which do the same again (every step is safe to repeat) and
+ * report what failed.  cffi releases the GIL around this call; it is taken back
+ * here, from the thread that holds its state. */
+static int fgpy_reset_plain(uintptr_t plain)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *t = (PyObject *)plain;
+    int rc = -1;
+    if (PyTuple_Check(t) && PyTuple_Size(t) == 6) {
+        PyObject *locks = PyTuple_GetItem(t, 0), *rlocks = PyTuple_GetItem(t, 1);
+        PyObject *waiters = PyTuple_GetItem(t, 2);
+        rc = 0;
+        if (PyDict_Size(locks) > 0)
+            rc |= plain_locks(locks, PyTuple_GetItem(t, 3), NULL);
+        if (PyDict_Size(rlocks) > 0)
+            rc |= plain_locks(rlocks, PyTuple_GetItem(t, 4), PyTuple_GetItem(t, 5));
+        if (PyDict_Size(waiters) > 0)
+            rc |= plain_waiters(waiters);
+    }
+    PyErr_Clear();
+    PyGILState_Release(gil);
+    return rc;
+}
