@@ -133,6 +133,10 @@ def seed_pool1(method: str) -> Any:
         def write_logs() -> None:
             while True:
                 logging.error("hello, I just did something")
+                # Bounded: a writer faster than the listener grew the queue by millions
+                # of records (gigabytes), and a worker's record then waited behind them.
+                if log_queue.qsize() > 1000:
+                    time.sleep(0.001)
 
         threading.Thread(target=write_logs, daemon=True).start()
         if method == "fork+forkguard":

@@ -104,11 +104,14 @@ static int plain_waiters(PyObject *waiters)
 static int fgpy_reset_plain(uintptr_t plain)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    PyObject *t = (PyObject *)plain;
+    PyObject *t = (PyObject *)plain, *locks = NULL, *rlocks = NULL, *waiters = NULL;
     int rc = -1;
     if (PyTuple_Check(t) && PyTuple_Size(t) == 6) {
-        PyObject *locks = PyTuple_GetItem(t, 0), *rlocks = PyTuple_GetItem(t, 1);
-        PyObject *waiters = PyTuple_GetItem(t, 2);
+        locks = PyTuple_GetItem(t, 0);
+        rlocks = PyTuple_GetItem(t, 1);
+        waiters = PyTuple_GetItem(t, 2);
+    }
+    if (locks != NULL && PyDict_Check(locks) && PyDict_Check(rlocks) && PyDict_Check(waiters)) {
         rc = 0;
         if (PyDict_Size(locks) > 0)
             rc |= plain_locks(locks, PyTuple_GetItem(t, 3), NULL);

@@ -156,6 +156,8 @@ def test_the_c_loop_refuses_what_is_not_its_tuple() -> None:
     assert lib.fgpy_reset_plain(registry._plain_id) == 0  # nothing registered: done
     wrong = ("not", "the", "registry's", "tuple")
     assert lib.fgpy_reset_plain(id(wrong)) == -1
+    no_dicts = ("not", "the", "registry's", "dicts", "at", "all")
+    assert lib.fgpy_reset_plain(id(no_dicts)) == -1
     bad_waiters = ({}, {}, {1: "not a tuple"}, *registry._plain[3:])
     assert lib.fgpy_reset_plain(id(bad_waiters)) == -1
 

@@ -70,6 +70,11 @@ class Seed:
         while not self._stop.is_set():
             logging.error(PARENT_MESSAGE)
             self.sent += 1
+            # The queue's mutex stays busy, but the backlog bounded: a writer faster
+            # than the listener would grow it without end, and each child's record
+            # would wait behind it.
+            if self.queue.qsize() > 1000:
+                time.sleep(0.001)
 
     def finish(self) -> dict[str, int]:
         """Stop logging, let the listener handle everything, and count."""
