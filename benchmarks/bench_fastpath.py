@@ -75,11 +75,15 @@ VARIANTS = {
         "regs = [forkguard.register(lock) for lock in locks]"
     ),
     # The baseline for registering C mutexes: the extension that owns them is loaded
-    # and has made them (cffi and its .so mapped), forkguard imported, none registered.
+    # and has made them (cffi and its .so mapped), forkguard imported and its C core
+    # loaded, none registered.  (Without the core loaded, this variant's children took
+    # about 65 more page faults per fork in every process of a run, and one registered
+    # mutex, which loads it, fewer: where glibc's heap then stood, not work at a fork.)
     "c-mutexes": (
         "import forkguard\n"
         "from common import native\n"
-        f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})"
+        f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})\n"
+        "forkguard._REGISTRY.backend._lib  # loads the core"
     ),
     "forkguard-c-mutex": (  # one: the C core's fixed part (its handlers, its mapping)
         "import forkguard\n"

@@ -35,7 +35,10 @@ FAST_VARIANTS = {  # bench_fastpath.py's variants, in table order, with what the
     "forkguard-queue": "`forkguard.register(q)`",
     "hand-locks": f"hand-written `_at_fork_reinit` loop over {FAST_LOCKS} locks",
     "forkguard-locks": f"{FAST_LOCKS} locks registered",
-    "c-mutexes": f"{FAST_MUTEXES:,} C mutexes made by an extension (cffi), none registered",
+    "c-mutexes": (
+        f"{FAST_MUTEXES:,} C mutexes made by an extension (cffi), forkguard's core loaded, "
+        "none registered"
+    ),
     "forkguard-c-mutex": f"one of those {FAST_MUTEXES:,} C mutexes registered",
     "forkguard-c-mutexes": f"all {FAST_MUTEXES:,} C mutexes registered",
 }
@@ -193,20 +196,29 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
             "prepare handler reading the known locks' words, which touches no object."
         ),
     )
+
+    def child_faults(ours: str, base: str) -> float:
+        return r.run_mean(fast(ours), "child_minflt") - r.run_mean(fast(base), "child_minflt")
+
+    def p10(name: str) -> float:
+        values = sorted(r.benches[name].get_values())
+        return float(values[len(values) // 10])
+
     add(
         "one registered `queue.Queue`: a fork costs at most 1.05x the hand-written fix "
         "(`os.register_at_fork(after_in_child=q.mutex._at_fork_reinit)`)",
         [fast("forkguard-queue"), fast("hand-queue")],
         versus("forkguard-queue", "hand-queue", 1.05),
-        "the hand-written fix is one C call; forkguard's is one Python call, which "
-        "touches the function, the registry and its lists, the weak reference and the "
-        "Queue's three waiter lists: about 6 more copy-on-write faults in the child. "
-        "Compare the p10 column, where the two differ by less than 1%. Closing it "
-        "would take the reset out of Python, into a C hook per registered lock.",
+        lambda: (
+            "the hand-written fix is one C call; forkguard's is one Python call, which "
+            "touches the function, the registry and its lists, the weak reference and the "
+            "Queue's three waiter lists: in this run "
+            f"{child_faults('forkguard-queue', 'hand-queue'):+.1f} page faults per fork in "
+            "the child, and a p10 of "
+            f"{p10(fast('forkguard-queue')) / p10(fast('hand-queue')):.3f}x. Closing it "
+            "would take the reset out of Python, into a C hook per registered lock."
+        ),
     )
-
-    def child_faults(ours: str, base: str) -> float:
-        return r.run_mean(fast(ours), "child_minflt") - r.run_mean(fast(base), "child_minflt")
 
     def locks_why() -> str:
         decimal = (
@@ -238,11 +250,13 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
             r.median(fast(v)) for v in ("c-mutexes", "forkguard-c-mutex", "forkguard-c-mutexes")
         )
         return (
-            f"in this run one registered mutex already costs {one / base:.3f}x: the C core's "
-            "fixed part, paid once by a process that registers any C object (its .so mapped, "
-            "which a fork copies; its atfork handlers run; the registry's two locks, taken "
-            "across the fork, written again on both sides, each write a copy-on-write page "
-            f"fault of about 5 µs here). The other {FAST_MUTEXES - 1:,} add "
+            f"in this run one registered mutex costs {one / base:.3f}x: the C core's fixed "
+            "part, paid once by a process that registers any C object: its atfork handlers "
+            "run, and the child handler writes or faults in four pages (its code, the page "
+            "of the registry's two locks, renewed in the child, and the thread-local fork "
+            "state: __tls_get_addr's page and the block dlopen allocated; counted with "
+            "perf, docs/design.md), each a page fault of about 5 µs here. The other "
+            f"{FAST_MUTEXES - 1:,} add "
             f"{(all_ - one) / (FAST_MUTEXES - 1) * 1e9:.0f} ns each: their restore entries "
             "and the mutexes are read (a free mutex is only read, so its page is not "
             "copied), and the Python bookkeeping of each registration makes the heap whose "
@@ -251,8 +265,8 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
 
     add(
         f"{FAST_MUTEXES:,} registered C mutexes: a fork costs at most 1% more than the same "
-        "process with none registered (forkguard imported, the extension that made them "
-        "loaded)",
+        "process with none registered (forkguard imported and its C core loaded, the "
+        "extension that made them loaded)",
         [fast("forkguard-c-mutexes"), fast("c-mutexes")],
         versus("forkguard-c-mutexes", "c-mutexes", 1.01),
         c_mutexes_why,
@@ -337,12 +351,16 @@ def _targets(r: Results) -> list[Target]:
         "resetting Python locks costs at most 1.1x the hand-written `_at_fork_reinit` loop",
         ["fork/py-lock/10000", "fork/none/0", "fork/hand-py-lock/10000", "fork/bare/0"],
         py_vs_hand,
-        "forkguard holds each lock through a weak reference (registering must not keep a "
-        "lock alive), so per lock the child also dereferences it and touches one more "
-        "object, whose page the kernel then copies (10,000 weak references fill about "
-        "200 pages). Its loop is a plain loop in one Python call; closing the rest would "
-        "take holding the locks without a weak reference each, or a C loop over them, "
-        "i.e. a CPython-API extension module next to the cffi core.",
+        "the child now writes only the locks, as the hand-written loop does: from 512 "
+        "locks on it walks them in C (csrc/forkguard_plain.c), which leaves their weak "
+        "references untouched (tests/test_plain_in_c.py: 12 more child page faults than "
+        "the hand-written loop at 20,000 locks, 430 with the Python loop). What is left "
+        "is the registrations' own memory, about 500 bytes per lock (a Registration, a "
+        "weak reference, three dict entries), whose page tables every fork copies and "
+        "every child's exit tears down: the hand-written loop in a process keeping as "
+        "many such objects alive forks as slowly (a side-by-side check outside this "
+        "suite, 10,000 locks: median 3.3 to 3.6 ms, forkguard's 2.9 to 3.0 ms). "
+        "Registering must not keep a lock alive, so that memory stays.",
     )
 
     def pairs() -> tuple[str, bool]:
@@ -362,8 +380,10 @@ def _targets(r: Results) -> list[Target]:
             "table). The rest is the Python bookkeeping, each step a few hundred ns on this "
             "machine: the call and argument checks, the cffi pointer's type and address, "
             "the registry's lock (os.getpid() is a system call), a Registration object, the "
-            "duplicate index. What is left would go only with registration written against "
-            "CPython's C API, i.e. a second extension module next to the cffi core."
+            "duplicate index. What is left would go only with the registry itself written "
+            "in C against CPython's API (its Registration objects, dicts and lock), as the "
+            "child's loop over plain locks now is (csrc/forkguard_plain.c): a rewrite of "
+            "the registry, not done."
         ),
     )
 
