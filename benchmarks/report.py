@@ -354,7 +354,7 @@ def _targets(r: Results) -> list[Target]:
         "the child now writes only the locks, as the hand-written loop does: from 512 "
         "locks on it walks them in C (csrc/forkguard_plain.c), which leaves their weak "
         "references untouched (tests/test_plain_in_c.py: 12 more child page faults than "
-        "the hand-written loop at 20,000 locks, 430 with the Python loop). What is left "
+        "the hand-written loop at 20,000 locks, 450 with the Python loop). What is left "
         "is the registrations' own memory, about 500 bytes per lock (a Registration, a "
         "weak reference, three dict entries), whose page tables every fork copies and "
         "every child's exit tears down: the hand-written loop in a process keeping as "

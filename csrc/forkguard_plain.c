@@ -9,10 +9,22 @@
  * threading Lock or RLock re-initialised and Conditions' waiter lists emptied.
  * A Python loop over them takes a reference to every weak reference it walks,
  * which writes the weak reference: one copy-on-write page fault per page of weak
- * references, in every child (about 200 for 10,000 locks).  Here each weak
+ * references, in every child (about 230 for 10,000 locks).  Here each weak
  * reference is only read and called, so a child writes the same pages a
  * hand-written loop over the locks would: the locks' own.
  */
+
+#ifdef Py_GIL_DISABLED
+/* The borrowed references from PyDict_Next below are safe only while no other
+ * thread runs, and on a free-threaded build a thread started by a child hook may
+ * change the dicts: there the Python loops, which walk copies, do it all.  The
+ * registry does not call this on such a build; this is the backstop. */
+static int fgpy_reset_plain(uintptr_t plain)
+{
+    (void)plain;
+    return -1;
+}
+#else
 
 /* Calls `fn(obj)`, or `fn()` when obj is NULL: 0, or -1 with the error cleared. */
 static int plain_call(PyObject *fn, PyObject *obj, PyObject **result)
@@ -62,51 +74,63 @@ static int plain_locks(PyObject *refs, PyObject *reinit, PyObject *is_owned)
     return rc;
 }
 
-/* Empty every non-empty waiter list of `waiters` (a dict of tuples of deques). */
-static int plain_waiters(PyObject *waiters)
+/* Empty every non-empty waiter list of `waiters` (a dict of tuples of waiter
+ * lists, `deque` being collections.deque). */
+static int plain_waiters(PyObject *waiters, PyObject *deque)
 {
     Py_ssize_t pos = 0;
     PyObject *key, *lists, *out;
     int rc = 0;
     while (PyDict_Next(waiters, &pos, &key, &lists)) {
-        /* Held: a waiter list's len() could be Python code (a deque subclass) that
-         * ends a registration, and with it this tuple. */
-        Py_INCREF(lists);
         Py_ssize_t n = PyTuple_Size(lists);
         if (n < 0) {
             PyErr_Clear();
             rc = -1;
+            continue;
         }
+        int held = 0;
         for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *deque = PyTuple_GetItem(lists, i);
-            Py_ssize_t len = deque != NULL ? PyObject_Size(deque) : -1;
+            PyObject *list = PyTuple_GetItem(lists, i);
+            /* The usual case only reads: an empty deque's length is C. */
+            if ((PyObject *)Py_TYPE(list) == deque && PyObject_Size(list) == 0)
+                continue;
+            /* Otherwise Python code may run (a subclass's __len__, a waiter's
+             * __del__ on clear()) and end this registration, and the tuple with it:
+             * held from here to its end.  Not from its start, which would write
+             * every tuple in every child. */
+            if (!held) {
+                Py_INCREF(lists);
+                held = 1;
+            }
+            Py_ssize_t len = PyObject_Size(list);
             if (len == 0)
-                continue; /* the usual case: only read */
-            if (len > 0 && (out = PyObject_CallMethod(deque, "clear", NULL)) != NULL) {
+                continue;
+            if (len > 0 && (out = PyObject_CallMethod(list, "clear", NULL)) != NULL) {
                 Py_DECREF(out);
                 continue;
             }
             PyErr_Clear();
             rc = -1;
         }
-        Py_DECREF(lists);
+        if (held)
+            Py_DECREF(lists);
     }
     return rc;
 }
 
 /* `plain` is the id() of Registry._plain: (Lock weak references, RLock weak
  * references, waiter lists, Lock._at_fork_reinit, RLock._at_fork_reinit,
- * RLock._is_owned), kept alive by the registry.  Everything is attempted; 0 if
- * all went well, else -1, with no exception left set: the caller then runs its
- * Python loops, which do the same again (every step is safe to repeat) and
- * report what failed.  cffi releases the GIL around this call; it is taken back
- * here, from the thread that holds its state. */
+ * RLock._is_owned, collections.deque), kept alive by the registry.  Everything is
+ * attempted; 0 if all went well, else -1, with no exception left set: the caller
+ * then runs its Python loops, which do the same again (every step is safe to
+ * repeat) and report what failed.  cffi releases the GIL around this call; it is
+ * taken back here, from the thread that holds its state. */
 static int fgpy_reset_plain(uintptr_t plain)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     PyObject *t = (PyObject *)plain, *locks = NULL, *rlocks = NULL, *waiters = NULL;
     int rc = -1;
-    if (PyTuple_Check(t) && PyTuple_Size(t) == 6) {
+    if (PyTuple_Check(t) && PyTuple_Size(t) == 7) {
         locks = PyTuple_GetItem(t, 0);
         rlocks = PyTuple_GetItem(t, 1);
         waiters = PyTuple_GetItem(t, 2);
@@ -118,9 +142,10 @@ static int fgpy_reset_plain(uintptr_t plain)
         if (PyDict_Size(rlocks) > 0)
             rc |= plain_locks(rlocks, PyTuple_GetItem(t, 4), PyTuple_GetItem(t, 5));
         if (PyDict_Size(waiters) > 0)
-            rc |= plain_waiters(waiters);
+            rc |= plain_waiters(waiters, PyTuple_GetItem(t, 6));
     }
     PyErr_Clear();
     PyGILState_Release(gil);
     return rc;
 }
+#endif /* Py_GIL_DISABLED */

@@ -71,7 +71,7 @@ def wait_until_listening(sock: str, server: subprocess.Popen[bytes], stderr: Pat
         with socket.socket(socket.AF_UNIX) as probe:
             try:
                 probe.connect(sock)
-                return  # listening: the master hands the connection to a worker, or drops it
+                return  # listening: a worker accepts this probe, or it closes unread
             except (FileNotFoundError, ConnectionRefusedError):
                 time.sleep(0.05)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 
 # Not imported at run time: `import forkguard` stays cheap (docs/design.md, "Import").
 TYPE_CHECKING = False
@@ -332,7 +333,13 @@ class NativeBackend:
 
     def reset_plain_function(self) -> Callable[[int], int] | None:
         """The C loop of a child's reset of plain locks (csrc/forkguard_plain.c), loading
-        the core if need be; None if it cannot be loaded (the Python loops do it then)."""
+        the core if need be; None where it cannot be used (the Python loops do it then):
+        not CPython (it finds the registry's tuple by id()), a free-threaded build (it
+        walks live dicts with borrowed references), or a core that cannot be loaded."""
+        import sysconfig  # (once per process, and only here)
+
+        if sys.implementation.name != "cpython" or sysconfig.get_config_var("Py_GIL_DISABLED"):
+            return None
         try:
             return self._lib.fgpy_reset_plain
         except (ImportError, OSError):

@@ -19,6 +19,7 @@ Python at its forks.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import sys
@@ -243,9 +244,11 @@ class Registry:
             _LOCK_REINIT,
             _RLOCK_REINIT,
             _RLOCK_IS_OWNED,
+            collections.deque,
         )
         self._plain_id = id(self._plain)
         self._reset_plain: Callable[[int], int] | None = None
+        self._reset_plain_looked_up = False  # looked up once per process, when needed
         self._c_holds: dict[int, Registration] = {}  # C objects, policy "hold"
         self._by_key: dict[tuple[str, int], Registration] = {}
         self._tokens = itertools.count(1)
@@ -361,12 +364,21 @@ class Registry:
             self._objects[reg._token] = reg
             self._by_key[target.key] = reg
         if (
-            self._reset_plain is None
+            not self._reset_plain_looked_up
             and len(self._plain_locks) + len(self._plain_rlocks) >= PLAIN_IN_C_FROM
         ):
-            # (Outside the registry's lock: this may load the C core, an import.)
-            self._reset_plain = self.backend.reset_plain_function()
+            self._look_up_reset_plain()
         return reg
+
+    def _look_up_reset_plain(self) -> None:
+        # Outside the registry's lock (this may load the C core, an import), after the
+        # registration is in: whatever goes wrong here, a stale build without the
+        # function say, the registration stands and the Python loops do the work.
+        self._reset_plain_looked_up = True
+        try:
+            self._reset_plain = self.backend.reset_plain_function()
+        except Exception:
+            self._reset_plain = None
 
     def need_fork_phases(self, phases: int) -> None:
         """Install these fork phases now if they are not (see _fork_phases.py)."""
