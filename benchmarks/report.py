@@ -353,14 +353,15 @@ def _targets(r: Results) -> list[Target]:
         py_vs_hand,
         "the child now writes only the locks, as the hand-written loop does: from 512 "
         "locks on it walks them in C (csrc/forkguard_plain.c), which leaves their weak "
-        "references untouched (tests/test_plain_in_c.py: 12 more child page faults than "
-        "the hand-written loop at 20,000 locks, 450 with the Python loop). What is left "
+        "references untouched (tests/test_plain_in_c.py: about 18 more child page faults "
+        "than the hand-written loop at 20,000 locks, 450 with the Python loop). What is left "
         "is the registrations' own memory, about 500 bytes per lock (a Registration, a "
         "weak reference, three dict entries), whose page tables every fork copies and "
         "every child's exit tears down: the hand-written loop in a process that keeps as "
-        "many such objects alive forks no faster than forkguard (a side-by-side check "
-        "outside this suite, 10,000 locks: median 3.3 to 3.6 ms against forkguard's 2.9 "
-        "to 3.0 ms), so that memory, not forkguard's work at the fork, is the gap. "
+        "many such objects alive forks no faster than forkguard (an ad-hoc side-by-side "
+        "check, not part of this suite nor committed, 10,000 locks: median 3.3 to 3.6 "
+        "ms against forkguard's 2.9 to 3.0 ms), so that memory, not forkguard's work "
+        "at the fork, is the gap. "
         "Registering must not keep a lock alive, so that memory stays.",
     )
 

@@ -163,7 +163,12 @@ def test_a_failure_in_c_falls_back_to_the_python_loops_which_report_it() -> None
 
 
 class _NoCLoop:
-    """A backend whose C loop cannot be had, as from a stale build of the core."""
+    """A backend whose C loop cannot be had, as from a stale build of the core.  It
+    says it cannot fork, so this throwaway registry installs no os.register_at_fork
+    hook in the test process (those cannot be removed); the test calls the child's
+    reset itself."""
+
+    can_fork = False
 
     def __init__(self, backend: object) -> None:
         self._backend = backend
