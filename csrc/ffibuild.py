@@ -96,6 +96,7 @@ const forkguard_api *fg_api(void);
 const char *fg_capsule_name(void);
 int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int value,
                       int policy, double timeout, const char *name);
+int64_t fgpy_find(uintptr_t address);
 int fgpy_reset_plain(uintptr_t plain);
 static const double FORKGUARD_DEFAULT_TIMEOUT;
 static const double FORKGUARD_TIMEOUT_MAX;
@@ -119,30 +120,6 @@ PREAMBLE = """
 static const char *fg_capsule_name(void) { return FORKGUARD_CAPSULE_NAME; }
 #include "forkguard_plain.c" /* the child's reset of plain Python locks */
 
-/* Python's registration path: the object as an address, and the handle (> 0,
- * handles fit in 63 bits) or an error code (< 0) as the result, so that no
- * out-parameter is allocated per call. */
-static int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int value,
-                             int policy, double timeout, const char *name)
-{
-    uint64_t handle = 0;
-    int rc;
-    switch (kind) {
-    case FG_KIND_MUTEX:
-        rc = fg_register_mutex((pthread_mutex_t *)address, mutex_type, policy, timeout,
-                               name, &handle);
-        break;
-    case FG_KIND_RWLOCK:
-        rc = fg_register_rwlock((pthread_rwlock_t *)address, policy, timeout, name, &handle);
-        break;
-    case FG_KIND_SEM:
-        rc = fg_register_sem((sem_t *)address, value, policy, timeout, name, &handle);
-        break;
-    default:
-        rc = FORKGUARD_EINVAL;
-    }
-    return rc != FORKGUARD_OK ? rc : (int64_t)handle;
-}
 """
 
 

@@ -138,6 +138,7 @@ typedef struct {
     int32_t restore_pos; /* index in reg.restore (objects) */
     uint8_t kind;        /* FG_KIND_*, or 0 for a free slot */
     uint8_t policy;
+    uint8_t by_python;   /* made by fgpy_register(), not through the C API */
     int8_t mutex_type;
     unsigned int sem_value;
     double timeout;
@@ -1234,8 +1235,8 @@ int fg_mutex_type(const pthread_mutex_t *mutex, int *mutex_type)
 #endif
 }
 
-int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
-                      double timeout, const char *name, uint64_t *handle)
+static int register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
+                          double timeout, const char *name, int by_python, uint64_t *handle)
 {
     int rc = check_common(mutex, _Alignof(pthread_mutex_t), policy, timeout,
                           handle);
@@ -1257,12 +1258,13 @@ int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
     fg_entry e;
     entry_init(&e, FG_KIND_MUTEX, mutex, policy, timeout, name);
     e.mutex_type = (int8_t)mutex_type;
+    e.by_python = (uint8_t)by_python;
     /* No template: the child rebuilds a mutex from its own kind word. */
     return insert(&e, NULL, NULL, handle);
 }
 
-int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
-                       const char *name, uint64_t *handle)
+static int register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
+                           const char *name, int by_python, uint64_t *handle)
 {
     int rc = check_common(rwlock, _Alignof(pthread_rwlock_t), policy, timeout,
                           handle);
@@ -1270,6 +1272,7 @@ int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
         return rc;
     fg_entry e;
     entry_init(&e, FG_KIND_RWLOCK, rwlock, policy, timeout, name);
+    e.by_python = (uint8_t)by_python;
 #if FG_RESET_BY_COPY
     fg_template tpl;
     memset(&tpl, 0, sizeof tpl);
@@ -1298,8 +1301,8 @@ int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
 #endif
 }
 
-int fg_register_sem(sem_t *sem, unsigned int value, int policy,
-                    double timeout, const char *name, uint64_t *handle)
+static int register_sem(sem_t *sem, unsigned int value, int policy,
+                        double timeout, const char *name, int by_python, uint64_t *handle)
 {
     int rc = check_common(sem, _Alignof(sem_t), policy, timeout, handle);
     if (rc != FORKGUARD_OK)
@@ -1310,6 +1313,7 @@ int fg_register_sem(sem_t *sem, unsigned int value, int policy,
     fg_entry e;
     entry_init(&e, FG_KIND_SEM, sem, policy, timeout, name);
     e.sem_value = value;
+    e.by_python = (uint8_t)by_python;
     fg_template tpl;
     memset(&tpl, 0, sizeof tpl);
     tpl.size = sizeof(sem_t);
@@ -1319,9 +1323,54 @@ int fg_register_sem(sem_t *sem, unsigned int value, int policy,
 #else
     (void)value;
     (void)name;
+    (void)by_python;
     return FORKGUARD_ENOTSUP; /* macOS has no unnamed semaphores (sem_init fails) */
 #endif
 }
+
+int fg_register_mutex(pthread_mutex_t *mutex, int mutex_type, int policy,
+                      double timeout, const char *name, uint64_t *handle)
+{
+    return register_mutex(mutex, mutex_type, policy, timeout, name, 0, handle);
+}
+
+int fg_register_rwlock(pthread_rwlock_t *rwlock, int policy, double timeout,
+                       const char *name, uint64_t *handle)
+{
+    return register_rwlock(rwlock, policy, timeout, name, 0, handle);
+}
+
+int fg_register_sem(sem_t *sem, unsigned int value, int policy,
+                    double timeout, const char *name, uint64_t *handle)
+{
+    return register_sem(sem, value, policy, timeout, name, 0, handle);
+}
+
+/* Python's registrations: marked, so that fgpy_find() tells them from the C
+ * API's; the handle (> 0, handles fit in 63 bits) or an error code (< 0) as the
+ * result, so that no out-parameter is allocated per call. */
+int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int value,
+                      int policy, double timeout, const char *name)
+{
+    uint64_t handle = 0;
+    int rc;
+    switch (kind) {
+    case FG_KIND_MUTEX:
+        rc = register_mutex((pthread_mutex_t *)address, mutex_type, policy, timeout, name, 1,
+                            &handle);
+        break;
+    case FG_KIND_RWLOCK:
+        rc = register_rwlock((pthread_rwlock_t *)address, policy, timeout, name, 1, &handle);
+        break;
+    case FG_KIND_SEM:
+        rc = register_sem((sem_t *)address, value, policy, timeout, name, 1, &handle);
+        break;
+    default:
+        rc = FORKGUARD_EINVAL;
+    }
+    return rc != FORKGUARD_OK ? rc : (int64_t)handle;
+}
+
 
 int fg_sem_value(sem_t *sem, unsigned int *value)
 {
@@ -1438,6 +1487,19 @@ int fg_is_active(uint64_t handle)
     int active = handle_slot(handle) != NIL;
     read_end(locked);
     return active;
+}
+
+int64_t fgpy_find(uintptr_t address)
+{
+    if (!installed())
+        return FORKGUARD_ESTALE;
+    int locked = read_begin();
+    int32_t i = index_find((const void *)address, NULL);
+    int64_t found = i == NIL               ? FORKGUARD_ESTALE
+                    : reg.slots[i].by_python ? (int64_t)make_handle(i)
+                                             : FORKGUARD_EEXIST;
+    read_end(locked);
+    return found;
 }
 
 int fg_info(uint64_t handle, fg_info_t *info)

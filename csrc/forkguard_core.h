@@ -101,6 +101,17 @@ int fg_mutex_owner(uint64_t handle, long *owner);
  * reads the owner of the mutex a hung child waits on. */
 int fg_mutex_fields(size_t *lock_at, size_t *owner_at);
 
+/* forkguard.register()'s path: like the fg_register_* functions, for an object of
+ * kind FG_KIND_* at `address`, marked as Python's; the handle, or an error code < 0. */
+int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int value,
+                      int policy, double timeout, const char *name);
+
+/* The handle of the registration of the object at `address` if fgpy_register()
+ * made it; FORKGUARD_EEXIST if C code made it through the C API, FORKGUARD_ESTALE
+ * if nothing is registered there: for a Python registration that found the
+ * object registered already. */
+int64_t fgpy_find(uintptr_t address);
+
 /* How many holds timed out in the calling thread's most recent fork (its
  * os.fork() "after in parent" hook reads it to warn). */
 int fg_last_fork_timeouts(void);

@@ -244,3 +244,28 @@ def test_capsule_and_address_are_the_same_table() -> None:
     assert get(forkguard._C_API, b"forkguard._C_API") == forkguard._C_API_ADDRESS
     assert Path(forkguard.get_include(), "forkguard.h").is_file()
     assert Path(forkguard.__file__).with_name("forkguard.pxd").is_file()
+
+
+def test_registering_what_c_code_registered_names_the_c_api(
+    table: tuple[FFI, Any], ext: Any
+) -> None:
+    """forkguard.register() of an object C code registered through the C API is refused
+    (that registration is its owner's to end), and changes nothing."""
+    ffi, api = table
+    real = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0)
+    mutex = ffi.cast("pthread_mutex_t *", int(ext.ffi.cast("uintptr_t", real)))
+    out = ffi.new("forkguard_handle *")
+    assert api.register_mutex(mutex, 0, 0, 1.0, b"ext.owned", out) == 0
+
+    def state() -> tuple[list[str], int]:
+        return [r.name for r in forkguard.registrations()], _REGISTRY.backend.count()
+
+    before = state()
+    try:
+        with pytest.raises(ValueError, match="registered by C code through forkguard's C API"):
+            forkguard.register(real)
+        assert state() == before
+    finally:
+        assert api.unregister(out[0]) == 0
+    with forkguard.register(real) as reg:  # its owner ended it: Python may register it now
+        assert reg.active

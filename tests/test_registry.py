@@ -122,6 +122,40 @@ def test_same_object_twice(ext: ModuleType) -> None:
     creg.unregister()
 
 
+def test_a_c_registration_its_register_call_never_listed_is_found(
+    ext: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """register() of a C object takes no registry lock: the C core makes the
+    registration, then the call lists it.  Another register() of the same object in
+    between waits for that listing; if it never comes (an exception stopped the first
+    call there), it lists the C core's registration itself, once, and it can be ended."""
+    from forkguard import _backend, _registry
+
+    monkeypatch.setattr(_registry, "_LISTING_WAIT", 0.05)
+    m = ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_RECURSIVE, 0, 0)
+    address = int(ext.ffi.cast("uintptr_t", m))
+    count = _REGISTRY.backend.count()
+    # What register() does up to its listing: the C core's registration alone.
+    handle = _REGISTRY.backend.register(
+        _backend.MUTEX, address, _backend.POLICY_HOLD, 0.5, "half-made", None, 0
+    )
+    assert handle > 0
+    reg = forkguard.register(m, policy="hold", timeout=0.5)
+    assert forkguard.register(m, policy="hold", timeout=0.5) is reg
+    assert [r for r in forkguard.registrations() if r.target in (m, address)] == [reg]
+    assert (reg.name, reg.kind, reg.policy, reg.timeout) == (
+        "half-made",
+        "pthread_mutex_t (recursive)",
+        "hold",
+        0.5,
+    )
+    with pytest.raises(ValueError, match="other options"):
+        forkguard.register(m)
+    assert reg.unregister() is True
+    assert _REGISTRY.backend.count() == count
+    assert not _REGISTRY.backend.is_active(handle)
+
+
 def test_c_pointer_is_kept_alive_while_registered(ext: ModuleType) -> None:
     m = ext.ffi.new("pthread_mutex_t *")  # owning: freed when the cdata dies
     ext.lib.pthread_mutex_init(m, ext.ffi.NULL)

@@ -36,7 +36,16 @@ POLICY_HOLD: Final = 1
 class CInfo:
     """What the C registry records about one registration (read-only by convention)."""
 
-    __slots__ = ("address", "hold_timeouts", "kind", "mutex_type", "name", "policy", "timeout")
+    __slots__ = (
+        "address",
+        "hold_timeouts",
+        "kind",
+        "mutex_type",
+        "name",
+        "policy",
+        "sem_value",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -48,6 +57,7 @@ class CInfo:
         hold_timeouts: int,
         address: int,
         name: str,
+        sem_value: int = 0,
     ) -> None:
         self.kind = kind
         self.policy = policy
@@ -56,6 +66,7 @@ class CInfo:
         self.hold_timeouts = hold_timeouts
         self.address = address
         self.name = name
+        self.sem_value = sem_value
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
@@ -79,7 +90,13 @@ class Backend(Protocol):
         name: str | None,
         mutex_type: str | None,
         value: int,
-    ) -> int: ...
+    ) -> int:
+        """The new registration's handle, or 0 if the object is registered already."""
+
+    def find(self, address: int) -> int | None:
+        """The handle of the registration register() made of the object at `address`,
+        None if there is none; ValueError if C code registered it through the C API."""
+
     def unregister(self, handle: int) -> bool: ...
     def is_active(self, handle: int) -> bool: ...
     def info(self, handle: int) -> CInfo | None: ...
@@ -156,6 +173,7 @@ class NativeBackend:
         self._type_names = {v: k for k, v in self._type_codes.items()}
         # The codes the registration path compares with, read from lib once.
         self._ok, self._busy = lib.FORKGUARD_OK, lib.FORKGUARD_EBUSY
+        self._exists = lib.FORKGUARD_EEXIST
         self._detect = lib.FORKGUARD_MUTEX_DETECT
         self._lib = lib  # last: its presence means everything above is set
 
@@ -177,20 +195,28 @@ class NativeBackend:
         handle = self._lib.fgpy_register(
             self._kind_ids[kind], address, code, value, policy, timeout, cname
         )
-        if handle < 0:
-            raise self._register_error(handle, kind, address, mutex_type)
-        return int(handle)
+        if handle > 0:
+            return int(handle)
+        if handle == self._exists:
+            return 0
+        raise self._register_error(handle, kind, address, mutex_type)
+
+    def find(self, address: int) -> int | None:
+        handle = self._lib.fgpy_find(address)
+        if handle > 0:
+            return int(handle)
+        if handle == self._exists:
+            raise ValueError(
+                f"the object at {address:#x} is already registered by C code through "
+                f"forkguard's C API; that code unregisters it"
+            )
+        return None
 
     def _register_error(
         self, rc: int, kind: str, address: int, mutex_type: str | None
     ) -> Exception:
         lib = self._lib
         what = f"{C_TYPE_NAMES[kind]} at {address:#x}"
-        if rc == lib.FORKGUARD_EEXIST:
-            return ValueError(
-                f"{what} is already registered (by C code through forkguard's C API, or "
-                f"by another registration); unregister that one first"
-            )
         if rc == lib.FORKGUARD_ESHARED:
             return TypeError(
                 f"{what} is process-shared (PTHREAD_PROCESS_SHARED): resetting it in a "
@@ -251,6 +277,7 @@ class NativeBackend:
             hold_timeouts=int(out.hold_timeouts),
             address=int(out.address),
             name=ffi.string(out.name).decode("utf-8", "replace"),
+            sem_value=int(out.sem_value),
         )
 
     def mutex_type(self, address: int) -> str:
@@ -376,8 +403,8 @@ class NoForkBackend:
         mutex_type: str | None,
         value: int,
     ) -> int:
-        if any(i.address == address for i in self._live.values()):
-            raise ValueError(f"{C_TYPE_NAMES[kind]} at {address:#x} is already registered")
+        if self.find(address) is not None:
+            return 0
         handle = next(self._next)
         self._live[handle] = CInfo(
             kind=kind,
@@ -387,8 +414,12 @@ class NoForkBackend:
             hold_timeouts=0,
             address=address,
             name=name or "",
+            sem_value=value,
         )
         return handle
+
+    def find(self, address: int) -> int | None:
+        return next((h for h, i in self._live.items() if i.address == address), None)
 
     def unregister(self, handle: int) -> bool:
         return self._live.pop(handle, None) is not None

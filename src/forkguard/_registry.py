@@ -24,6 +24,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -71,7 +72,6 @@ class Registration:
         "_hold_timeouts",
         "_hooks",
         "_keepalive",
-        "_key",
         "_label",
         "_mutex_type",
         "_name",
@@ -93,7 +93,6 @@ class Registration:
         self._ended: str | None = None
         self._policy: Policy | None = None
         self._timeout: float | None = None
-        self._key: tuple[str, int] | None = None
         self._pykind: _targets.PyKind | None = None
         self._ref: weakref.ref[Any] | _targets.StrongReference | None = None
         self._value: int | None = None
@@ -224,7 +223,8 @@ class Registry:
         self._child_locks: dict[int, tuple[int, threading.Lock]] = {}
         # Everything, for listing; the fork hooks only walk the buckets below,
         # so C objects (restored in C) and plain locks cost no Python per fork.
-        self._objects: dict[int, Registration] = {}  # in registration order
+        self._objects: dict[int, Registration] = {}  # Python objects, in registration order
+        self._c_objects: dict[int, Registration] = {}  # C objects, by handle
         self._hooks: dict[int, Registration] = {}  # at_fork hooks
         self._holds: dict[int, Registration] = {}  # Python objects, policy "hold"
         self._resets: dict[int, Registration] = {}  # Python objects, policy "reset"
@@ -249,8 +249,7 @@ class Registry:
         self._plain_id = id(self._plain)
         self._reset_plain: Callable[[int], int] | None = None
         self._reset_plain_looked_up = False  # looked up once per process, when needed
-        self._c_holds: dict[int, Registration] = {}  # C objects, policy "hold"
-        self._by_key: dict[tuple[str, int], Registration] = {}
+        self._by_id: dict[int, Registration] = {}  # Python objects, by id()
         self._tokens = itertools.count(1)
         # Forks in progress, by forking thread: a stack, since a before-hook may fork.
         self._forks: dict[int, list[_ForkState]] = {}
@@ -291,45 +290,122 @@ class Registry:
         else:
             seconds = _targets.check_timeout(timeout, self.backend.timeout_max)
         reg_name = None if name is None else _targets.check_name(name)
+        if kind is None and value is None and mutex_type is None:
+            # The commonest C registration, a cffi pointer to a mutex, in a few steps:
+            # extensions register and unregister at high rates (bench_register.py).
+            address = _targets.cffi_mutex_address(obj)
+            if address is not None:
+                return self._register_c(
+                    _backend.MUTEX, address, obj, None, None, hold, seconds, reg_name
+                )
         target = _targets.classify(obj, kind, value, mutex_type, self.backend)
         if isinstance(target, _targets.CTarget):
-            return self._register_c(target, hold, seconds, reg_name)
-        return self._register_python(target, hold, seconds, reg_name)
-
-    def _register_c(
-        self, target: _targets.CTarget, hold: bool, seconds: float, reg_name: str | None
-    ) -> Registration:
-        # Kept short: extensions register and unregister C objects at high rates
-        # (benchmarks/bench_register.py).
-        with self._locked():
-            existing = self._by_key.get(target.key)
-            if existing is not None and existing._active:
-                return self._same_registration(existing, target, hold, seconds)
-            handle = self.backend.register(
+            return self._register_c(
                 target.kind,
                 target.address,
-                _backend.POLICY_HOLD if hold else _backend.POLICY_RESET,
+                target.keepalive,
+                target.mutex_type,
+                target.value,
+                hold,
                 seconds,
                 reg_name,
-                target.mutex_type,
-                target.value or 0,
             )
-            token = next(self._tokens)
-            reg = Registration(self, token, reg_name, _backend.C_TYPE_NAMES[target.kind])
-            reg._policy = "hold" if hold else "reset"
-            reg._timeout = seconds
-            reg._key = target.key
-            reg._value = target.value
-            reg._handle = handle
-            reg._address = target.address
-            reg._keepalive = target.keepalive
-            reg._mutex_type = None if target.kind == _backend.MUTEX else ""
-            if hold:
-                self._phases.need(_fork_phases.PARENT)
-                reg._buckets = (self._c_holds,)
-                self._c_holds[token] = reg
-            self._objects[token] = reg
-            self._by_key[target.key] = reg
+        return self._register_python(target, hold, seconds, reg_name)
+
+    def _register_c(  # positional: this is the high-rate path
+        self,
+        kind: str,
+        address: int,
+        keepalive: object,
+        mutex_type: str | None,
+        value: int | None,
+        hold: bool,
+        seconds: float,
+        reg_name: str | None,
+    ) -> Registration:
+        # Without the registry's lock: the C core decides which of two racing
+        # registrations of one object is made, and the Python side of a C object is
+        # single dict operations on _c_objects, keyed by its (never reused) handle.
+        if hold:
+            self.need_fork_phases(_fork_phases.PARENT)
+        policy = _backend.POLICY_HOLD if hold else _backend.POLICY_RESET
+        while True:
+            handle = self.backend.register(
+                kind, address, policy, seconds, reg_name, mutex_type, value or 0
+            )
+            if handle:
+                break
+            existing = self._registered_c(address, keepalive)
+            if existing is not None:
+                return self._same_registration(existing, value, hold, seconds)
+            # (Unregistered meanwhile: register it.)
+        try:
+            reg = self._c_registration(
+                handle, kind, address, keepalive, hold, seconds, value, reg_name
+            )
+        except BaseException:  # (a MemoryError): nothing lists it, so end it in C too
+            self.backend.unregister(handle)
+            raise
+        return self._c_objects.setdefault(handle, reg)
+
+    def _registered_c(self, address: int, keepalive: object) -> Registration | None:
+        """The registration of the C object at `address` that register() made; None if
+        there is none any more.  Raises if C code registered it through the C API."""
+        deadline = None
+        while True:
+            handle = self.backend.find(address)
+            if handle is None:
+                return None
+            reg = self._c_objects.get(handle)
+            if reg is not None:
+                return reg
+            # A register() in another thread made it and is about to list it: wait for
+            # that, then return its registration.
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + _LISTING_WAIT
+            elif now > deadline:
+                break  # an exception stopped that register() before it listed it
+            time.sleep(0)
+        info = self.backend.info(handle)
+        if info is None:
+            return None
+        reg = self._c_registration(
+            handle,
+            info.kind,
+            address,
+            keepalive,
+            info.policy == _backend.POLICY_HOLD,
+            info.timeout,
+            info.sem_value if info.kind == _backend.SEM else None,
+            info.name or None,
+        )
+        reg = self._c_objects.setdefault(handle, reg)
+        if not self.backend.is_active(handle):  # unregistered since info(): unlist it
+            if self._c_objects.get(handle) is reg:
+                self._c_objects.pop(handle, None)
+            return None
+        return reg
+
+    def _c_registration(
+        self,
+        handle: int,
+        kind: str,
+        address: int,
+        keepalive: object,
+        hold: bool,
+        seconds: float,
+        value: int | None,
+        reg_name: str | None,
+    ) -> Registration:
+        reg = Registration(self, next(self._tokens), reg_name, _backend.C_TYPE_NAMES[kind])
+        reg._policy = "hold" if hold else "reset"
+        reg._timeout = seconds
+        reg._value = value
+        reg._handle = handle
+        reg._address = address
+        reg._keepalive = keepalive
+        reg._mutex_type = None if kind == _backend.MUTEX else ""  # read from C when asked
         return reg
 
     def _register_python(
@@ -342,13 +418,12 @@ class Registry:
                 f"cannot be ({target.kind.not_holdable}); use policy='reset'"
             )
         with self._locked():
-            existing = self._by_key.get(target.key)
+            existing = self._by_id.get(id(target.obj))
             if existing is not None and existing._active:
-                return self._same_registration(existing, target, hold, seconds)
+                return self._same_registration(existing, target.value, hold, seconds)
             reg = Registration(self, next(self._tokens), reg_name, label)
             reg._policy = "hold" if hold else "reset"
             reg._timeout = seconds
-            reg._key = target.key
             reg._value = target.value
             reg._pykind = target.kind
             reg._address = id(target.obj)
@@ -362,7 +437,7 @@ class Registry:
             for bucket, entry in entries:
                 bucket[reg._token] = entry
             self._objects[reg._token] = reg
-            self._by_key[target.key] = reg
+            self._by_id[reg._address] = reg
         if (
             not self._reset_plain_looked_up
             and len(self._plain_locks) + len(self._plain_rlocks) >= PLAIN_IN_C_FROM
@@ -407,16 +482,13 @@ class Registry:
 
     @staticmethod
     def _same_registration(
-        existing: Registration,
-        target: _targets.PyTarget | _targets.CTarget,
-        hold: bool,
-        timeout: float,
+        existing: Registration, value: int | None, hold: bool, timeout: float
     ) -> Registration:
         """Registering an object again with the same options returns its registration."""
         if (existing._policy == "hold", existing._timeout, existing._value) == (
             hold,
             timeout,
-            target.value,
+            value,
         ):
             return existing
         raise ValueError(
@@ -460,17 +532,17 @@ class Registry:
 
     def unregister(self, reg: Registration) -> bool:
         if reg._handle is not None:
-            # The call into C without the registry lock: the C core decides which of
-            # two racing unregisters ended it.  The bookkeeping after it under the lock,
-            # so that a register() of the same object cannot interleave with it.  A
-            # register() that still sees `reg` active returns it, as if it had come
-            # just before this call.
+            # Without the registry's lock, as in _register_c(): the C core decides which
+            # of two racing unregisters ended it.  A register() that finds `reg` before
+            # it is unlisted returns it, as if it had come just before this call.
             if not reg._active:
                 return False
             # May raise (called from a fork handler); the registration stays.
             ended_here = self.backend.unregister(reg._handle)
-            with self._locked():
-                self._end(reg, "unregistered")
+            reg._active = False
+            reg._ended = "unregistered"
+            self._c_objects.pop(reg._handle, None)
+            reg._keepalive = None
             return ended_here
         with self._locked():
             if not reg._active:
@@ -479,8 +551,9 @@ class Registry:
         return True
 
     def _end(self, reg: Registration, why: str) -> None:
-        # Lock-free (single dict operations): weakref callbacks call this from
-        # whatever thread drops the last reference, possibly inside register().
+        """End a Python object's registration, or at_fork hooks'.  Lock-free (single
+        dict operations): weakref callbacks call this from whatever thread drops the
+        last reference, possibly inside register()."""
         if not reg._active:
             return
         reg._active = False
@@ -488,8 +561,9 @@ class Registry:
         (self._hooks if reg._hooks is not None else self._objects).pop(reg._token, None)
         for bucket in reg._buckets:
             bucket.pop(reg._token, None)
-        if reg._key is not None and self._by_key.get(reg._key) is reg:
-            self._by_key.pop(reg._key, None)
+        address = reg._address
+        if reg._pykind is not None and address is not None and self._by_id.get(address) is reg:
+            self._by_id.pop(address, None)
         reg._keepalive = None
         if reg._ref is not None and why != "collected":
             # The weak reference's callback refers back to `reg`: swap it for a plain
@@ -504,7 +578,11 @@ class Registry:
     def registrations(self) -> list[Registration]:
         """Python-made registrations in registration order, then those made through
         the C API (objects, then hooks, oldest first)."""
-        regs = [*self._objects.copy().values(), *self._hooks.copy().values()]
+        regs = [
+            *self._objects.copy().values(),
+            *self._c_objects.copy().values(),
+            *self._hooks.copy().values(),
+        ]
         mine = sorted((r for r in regs if r._active), key=lambda r: r._token)
         known = {r._handle for r in regs}
         theirs = (self._foreign(h) for h in self.backend.handles() if h not in known)
@@ -656,7 +734,9 @@ class Registry:
 
     def _warn_c_timeouts(self, count: int) -> None:
         named = 0
-        for reg in list(self._c_holds.values()):
+        for reg in list(self._c_objects.values()):
+            if reg._policy != "hold":
+                continue
             info = self.backend.info(reg._handle) if reg._handle is not None else None
             if info is not None and info.hold_timeouts > reg._c_timeouts_seen:
                 reg._c_timeouts_seen = info.hold_timeouts
@@ -666,6 +746,11 @@ class Registry:
             what = f"{count - named} C object(s) registered through the C API"
             _warn_timeout(what, None, stacklevel=4)
 
+
+# Seconds a register() waits for another thread's register() of the same C object to
+# list it, before it lists it itself: that is microseconds, unless an exception stopped
+# the other one half-way.
+_LISTING_WAIT = 1.0
 
 # From this many plain locks on, the child resets them in C.  The call into C costs a
 # child about 6 pages of its own (the C module's code and cffi's), the Python loop one

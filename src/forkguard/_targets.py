@@ -296,19 +296,18 @@ _RLOCK_TYPES: tuple[type, ...] = (RLOCK_TYPE, threading._PyRLock)  # type: ignor
 class PyTarget:
     """A recognised Python object."""
 
-    __slots__ = ("key", "kind", "obj", "value")
+    __slots__ = ("kind", "obj", "value")
 
     def __init__(self, obj: Any, kind: PyKind, value: int | None) -> None:
         self.obj = obj
         self.kind = kind
         self.value = value
-        self.key = ("py", id(obj))
 
 
 class CTarget:
     """A recognised C object: its kind (_backend.MUTEX, RWLOCK or SEM) and address."""
 
-    __slots__ = ("address", "keepalive", "key", "kind", "mutex_type", "value")
+    __slots__ = ("address", "keepalive", "kind", "mutex_type", "value")
 
     def __init__(
         self,
@@ -323,7 +322,6 @@ class CTarget:
         self.keepalive = keepalive
         self.mutex_type = mutex_type
         self.value = value
-        self.key = ("c", address)
 
 
 def _type_name(obj: object) -> str:
@@ -478,6 +476,18 @@ def _cffi_pointer_kind(obj: object) -> tuple[int, str | None] | None:
         kind = _pointee_kind(ctype)
         _CData.kinds[ctype] = kind
     return int(ffi.cast(_CData.uintptr, obj)), kind
+
+
+def cffi_mutex_address(obj: object) -> int | None:
+    """The address of a cffi ``pthread_mutex_t *`` of a type seen before, else None:
+    the registry's short path, the rest goes through classify()."""
+    ffi = _CData.ffi
+    if ffi is None or not isinstance(obj, ffi.CData):
+        return None
+    if _CData.kinds.get(ffi.typeof(obj)) != _backend.MUTEX:
+        return None
+    address = int(ffi.cast(_CData.uintptr, obj))
+    return address if 0 < address < _ADDRESS_END else None
 
 
 def _pointee_kind(ctype: Any) -> str | None:
