@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,35 @@ def hand_py_locks(n: int) -> Callable[[], None]:
     return setup
 
 
+class _Kept:
+    """As many slots as a forkguard Registration (a weak reference to it included)."""
+
+    __slots__ = ("__weakref__", *(f"field{i}" for i in range(20)))
+
+    def __init__(self) -> None:
+        for name in self.__slots__[1:]:
+            setattr(self, name, None)
+
+
+def hand_py_locks_keeping(n: int) -> Callable[[], None]:
+    """The hand-written loop in a process that also keeps, per lock, the objects a
+    forkguard registration of it keeps: one as large as a Registration, a weak
+    reference to the lock, and entries in three dicts.  The floor for forkguard's
+    Python locks: the same work at the fork, the same memory mapped."""
+
+    def setup() -> None:
+        hand_py_locks(n)()
+        kept: dict[int, _Kept] = {}
+        by_id: dict[int, _Kept] = {}
+        refs: dict[int, weakref.ref[Any]] = {}
+        for token, lock in enumerate(_state["locks"], 1):
+            kept[token] = by_id[id(lock)] = _Kept()
+            refs[token] = weakref.ref(lock, lambda _ref: None)
+        _state["kept"] = (kept, by_id, refs)
+
+    return setup
+
+
 def hand_ctypes_mutexes(n: int) -> Callable[[], None]:
     """...and for C mutexes: pthread_mutex_init through ctypes in the child."""
 
@@ -131,6 +161,7 @@ def main() -> None:
         bench(f"fork/py-lock/{n}", _once(forkguard_py_locks(n)))
         bench(f"fork/hand-py-lock/{n}", _once(hand_py_locks(n)))
         bench(f"fork/hand-ctypes-mutex/{n}", _once(hand_ctypes_mutexes(n)))
+    bench(f"fork/hand-py-lock-keeping/{COUNTS[-1]}", _once(hand_py_locks_keeping(COUNTS[-1])))
     bench("fork/hold-free/py-lock", _once(forkguard_hold_free("py-lock")))
     bench("fork/hold-free/c-mutex", _once(forkguard_hold_free("c-mutex")))
 

@@ -21,6 +21,7 @@ from common import RECORDS_FILE
 COUNTS = (10, 100, 1000, 10000)
 C_BASE = "fork/c-mutex/0"  # bench_fork.py's baselines for the C columns
 CTYPES_BASE = "fork/hand-ctypes-mutex/0"
+FLOOR_PY_LOCKS = "fork/hand-py-lock-keeping/10000"  # the hand loop with a registration's memory
 FAST_LOCKS, FAST_MUTEXES = 100, 1000  # as bench_fastpath.py's LOCKS and MUTEXES
 FAST_VARIANTS = {  # bench_fastpath.py's variants, in table order, with what they are
     "bare": "forkguard not imported",
@@ -347,22 +348,27 @@ def _targets(r: Results) -> list[Target]:
             ours / hand <= 1.1
         )
 
+    def py_floor() -> str:
+        ours, floor = per_object("fork/py-lock/10000", "fork/none/0", FLOOR_PY_LOCKS, "fork/bare/0")
+        return (
+            "the child writes only the locks, as the hand-written loop does: from 512 "
+            "locks on it walks them in C (csrc/forkguard_plain.c), which leaves their "
+            "weak references untouched (tests/test_plain_in_c.py: about 18 more child "
+            "page faults than the hand-written loop at 20,000 locks, 450 with the Python "
+            "loop). What is left is the registrations' own memory (per lock a "
+            "Registration, a weak reference, three dict entries), whose page tables "
+            "every fork copies and every child's exit tears down. The floor, measured in "
+            "this run: the hand-written loop in a process that keeps the same objects per "
+            f"lock (`{FLOOR_PY_LOCKS}`) costs {floor * 1e9:.0f} ns per lock, and "
+            f"forkguard {ours / floor:.2f}x that. register() returns a Registration per "
+            "lock and must not keep the lock alive, so that memory stays."
+        )
+
     add(
         "resetting Python locks costs at most 1.1x the hand-written `_at_fork_reinit` loop",
         ["fork/py-lock/10000", "fork/none/0", "fork/hand-py-lock/10000", "fork/bare/0"],
         py_vs_hand,
-        "the child now writes only the locks, as the hand-written loop does: from 512 "
-        "locks on it walks them in C (csrc/forkguard_plain.c), which leaves their weak "
-        "references untouched (tests/test_plain_in_c.py: about 18 more child page faults "
-        "than the hand-written loop at 20,000 locks, 450 with the Python loop). What is left "
-        "is the registrations' own memory, about 500 bytes per lock (a Registration, a "
-        "weak reference, three dict entries), whose page tables every fork copies and "
-        "every child's exit tears down: the hand-written loop in a process that keeps as "
-        "many such objects alive forks no faster than forkguard (an ad-hoc side-by-side "
-        "check, not part of this suite nor committed, 10,000 locks: median 3.3 to 3.6 "
-        "ms against forkguard's 2.9 to 3.0 ms), so that memory, not forkguard's work "
-        "at the fork, is the gap. "
-        "Registering must not keep a lock alive, so that memory stays.",
+        py_floor if FLOOR_PY_LOCKS in r else "(the floor was not measured in this run)",
     )
 
     def pairs() -> tuple[str, bool]:
@@ -380,10 +386,10 @@ def _targets(r: Results) -> list[Target]:
             "GIL): in this run those two calls alone take "
             f"{r.mean('register/c-calls-only/c-mutex') * 1e9:,.0f} ns (the Registration "
             "table). The rest is the Python bookkeeping, each step a few hundred ns on this "
-            "machine: the call and argument checks, the cffi pointer's type and address, "
-            "the registry's lock (os.getpid() is a system call), a Registration object, the "
-            "duplicate index. What is left would go only with the registry itself written "
-            "in C against CPython's API (its Registration objects, dicts and lock), as the "
+            "machine: the call and argument checks, the cffi pointer's type and address, a "
+            "Registration object and one dict entry (no lock: the C core decides between "
+            "racing calls). What is left would go only with the registry itself written "
+            "in C against CPython's API (its Registration objects and dicts), as the "
             "child's loop over plain locks now is (csrc/forkguard_plain.c): a rewrite of "
             "the registry, not done."
         ),
@@ -538,6 +544,7 @@ def _fork_tables(r: Results) -> list[str]:
         ("forkguard, C mutex", "fork/c-mutex/10000", C_BASE),
         ("forkguard, Python lock", "fork/py-lock/10000", "fork/none/0"),
         ("by hand, Python lock", "fork/hand-py-lock/10000", "fork/bare/0"),
+        ("by hand, Python lock, keeping a registration's objects", FLOOR_PY_LOCKS, "fork/bare/0"),
         ("by hand, ctypes mutex", "fork/hand-ctypes-mutex/10000", CTYPES_BASE),
     ):
         if name in r and base in r:
