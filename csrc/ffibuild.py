@@ -74,6 +74,7 @@ typedef struct {
     double timeout;
     uint64_t hold_timeouts;
     uintptr_t address;
+    int by_python;
     char name[];
     ...;
 } fg_info_t;

@@ -1521,6 +1521,7 @@ int fg_info(uint64_t handle, fg_info_t *info)
         if (e->active != NULL)
             info->hold_timeouts = __atomic_load_n(&e->active->hold_timeouts, __ATOMIC_RELAXED);
         info->address = (uintptr_t)e->obj;
+        info->by_python = e->by_python;
         memcpy(info->name, e->name, FG_NAME_MAX);
     }
     read_end(locked);

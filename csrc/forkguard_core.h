@@ -52,6 +52,7 @@ typedef struct {
     double timeout;
     uint64_t hold_timeouts; /* forks at which a hold timed out */
     uintptr_t address;      /* the object, or the hooks' argument */
+    int by_python;          /* made by fgpy_register(), not through the C API */
     char name[FG_NAME_MAX];
 } fg_info_t;
 

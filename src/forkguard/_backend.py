@@ -38,6 +38,7 @@ class CInfo:
 
     __slots__ = (
         "address",
+        "by_python",
         "hold_timeouts",
         "kind",
         "mutex_type",
@@ -58,6 +59,7 @@ class CInfo:
         address: int,
         name: str,
         sem_value: int = 0,
+        by_python: bool = False,
     ) -> None:
         self.kind = kind
         self.policy = policy
@@ -67,6 +69,7 @@ class CInfo:
         self.address = address
         self.name = name
         self.sem_value = sem_value
+        self.by_python = by_python  # made by register(), not through the C API
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
@@ -278,6 +281,7 @@ class NativeBackend:
             address=int(out.address),
             name=ffi.string(out.name).decode("utf-8", "replace"),
             sem_value=int(out.sem_value),
+            by_python=bool(out.by_python),
         )
 
     def mutex_type(self, address: int) -> str:
@@ -415,6 +419,7 @@ class NoForkBackend:
             address=address,
             name=name or "",
             sem_value=value,
+            by_python=True,
         )
         return handle
 

@@ -591,8 +591,10 @@ class Registry:
     def _foreign(self, handle: int) -> Registration | None:
         """A Registration for something C code registered through the C API."""
         info = self.backend.info(handle)
-        if info is None:
-            return None  # unregistered meanwhile
+        if info is None or info.by_python:
+            # Unregistered meanwhile, or made by a register() since the copies above,
+            # listed where that call returns.
+            return None
         if info.kind == _backend.HOOKS:
             label = "C hooks"
         else:
