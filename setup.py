@@ -24,7 +24,8 @@ It needs a C compiler and the Python headers:
   Fedora, RHEL:     dnf install gcc python3-devel
   Alpine:           apk add gcc musl-dev python3-dev
   macOS:            xcode-select --install
-Or, where a prebuilt wheel exists for this platform and Python, install that instead:
+Or, once a forkguard release on PyPI has a wheel for this platform and Python,
+install that instead:
   pip install --only-binary forkguard forkguard
 """
 
