@@ -358,7 +358,8 @@ class Registry:
                 return None
             reg = self._c_objects.get(handle)
             if reg is not None:
-                return reg
+                # (Ended but not unlisted yet: the C core has let it go, register anew.)
+                return reg if reg._active else None
             # A register() in another thread made it and is about to list it: wait for
             # that, then return its registration.
             now = time.monotonic()
