@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import threading
 
 # Not imported at run time: `import forkguard` stays cheap (docs/design.md, "Import").
 TYPE_CHECKING = False
@@ -396,6 +397,9 @@ class NoForkBackend:
     def __init__(self) -> None:
         self._next = itertools.count(1)
         self._live: dict[int, CInfo] = {}
+        # The registry takes no lock for C objects (the C core's own decides there):
+        # this one stands in for it.
+        self._lock = threading.Lock()
 
     def register(
         self,
@@ -407,27 +411,33 @@ class NoForkBackend:
         mutex_type: str | None,
         value: int,
     ) -> int:
-        if self.find(address) is not None:
-            return 0
-        handle = next(self._next)
-        self._live[handle] = CInfo(
-            kind=kind,
-            policy=policy,
-            timeout=timeout,
-            mutex_type=mutex_type,
-            hold_timeouts=0,
-            address=address,
-            name=name or "",
-            sem_value=value,
-            by_python=True,
-        )
+        with self._lock:
+            if self._find(address) is not None:
+                return 0
+            handle = next(self._next)
+            self._live[handle] = CInfo(
+                kind=kind,
+                policy=policy,
+                timeout=timeout,
+                mutex_type=mutex_type,
+                hold_timeouts=0,
+                address=address,
+                name=name or "",
+                sem_value=value,
+                by_python=True,
+            )
         return handle
 
     def find(self, address: int) -> int | None:
+        with self._lock:
+            return self._find(address)
+
+    def _find(self, address: int) -> int | None:
         return next((h for h, i in self._live.items() if i.address == address), None)
 
     def unregister(self, handle: int) -> bool:
-        return self._live.pop(handle, None) is not None
+        with self._lock:
+            return self._live.pop(handle, None) is not None
 
     def is_active(self, handle: int) -> bool:
         return handle in self._live

@@ -326,7 +326,7 @@ class Registry:
         # Without the registry's lock: the C core decides which of two racing
         # registrations of one object is made, and the Python side of a C object is
         # single dict operations on _c_objects, keyed by its (never reused) handle.
-        if hold:
+        if hold and not self._phases.installed & _fork_phases.PARENT:
             self.need_fork_phases(_fork_phases.PARENT)
         policy = _backend.POLICY_HOLD if hold else _backend.POLICY_RESET
         while True:
@@ -343,10 +343,11 @@ class Registry:
             reg = self._c_registration(
                 handle, kind, address, keepalive, hold, seconds, value, reg_name
             )
-        except BaseException:  # (a MemoryError): nothing lists it, so end it in C too
-            self.backend.unregister(handle)
+            return self._c_objects.setdefault(handle, reg)
+        except BaseException:  # (a MemoryError): if nothing lists it, end it in C too
+            if handle not in self._c_objects:
+                self.backend.unregister(handle)
             raise
-        return self._c_objects.setdefault(handle, reg)
 
     def _registered_c(self, address: int, keepalive: object) -> Registration | None:
         """The registration of the C object at `address` that register() made; None if
