@@ -63,13 +63,10 @@ class Registration:
 
     __slots__ = (
         "__weakref__",
-        "_active",
         "_address",
         "_buckets",
-        "_c_timeouts_seen",
         "_ended",
         "_handle",
-        "_hold_timeouts",
         "_hooks",
         "_keepalive",
         "_label",
@@ -80,6 +77,7 @@ class Registration:
         "_ref",
         "_registry",
         "_timeout",
+        "_timeouts",
         "_token",
         "_value",
     )
@@ -89,7 +87,6 @@ class Registration:
         self._token = token
         self._name = name
         self._label = label
-        self._active = True
         self._ended: str | None = None
         self._policy: Policy | None = None
         self._timeout: float | None = None
@@ -100,8 +97,9 @@ class Registration:
         self._address: int | None = None
         self._keepalive: object = None
         self._hooks: tuple[Hook | None, Hook | None, Hook | None] | None = None
-        self._hold_timeouts = 0
-        self._c_timeouts_seen = 0
+        # Python hold policy: the forks that found it timing out; C objects: the
+        # C core's count when a warning last named it.
+        self._timeouts = 0
         self._buckets: tuple[dict[int, Any], ...] = ()  # the fork hooks' lists it is on
         self._mutex_type: str | None = ""  # C mutexes: None until read from C
 
@@ -144,6 +142,11 @@ class Registration:
         return f"{self._label} ({now})"
 
     @property
+    def _active(self) -> bool:
+        """Not ended here (a C object's owner may have ended it through the C API)."""
+        return self._ended is None
+
+    @property
     def active(self) -> bool:
         """True until unregistered, or until the (weakly held) object is collected."""
         if self._active and self._handle is not None:
@@ -165,8 +168,8 @@ class Registration:
         """How many forks found this object's hold timing out (it was reset instead)."""
         if self._handle is not None:
             info = self._registry.backend.info(self._handle)
-            return info.hold_timeouts if info is not None else self._c_timeouts_seen
-        return self._hold_timeouts
+            return info.hold_timeouts if info is not None else self._timeouts
+        return self._timeouts
 
     def unregister(self) -> bool:
         """End this registration: True the first time, False if it had already ended
@@ -195,10 +198,6 @@ class Registration:
             policy = ", policy='reset'"
         state = "active" if self._active else f"ended: {self._ended}"
         return f"<forkguard.Registration {self.name!r}: {what}{policy}, {state}>"
-
-    def _collected(self, _ref: object) -> None:
-        """Weakref callback: the object is gone, so is its registration."""
-        self._registry._end(self, "collected")
 
 
 class _ForkState:
@@ -251,6 +250,11 @@ class Registry:
         self._reset_plain_looked_up = False  # looked up once per process, when needed
         self._by_id: dict[int, Registration] = {}  # Python objects, by id()
         self._tokens = itertools.count(1)
+        # The weak references' one callback (a bound method per registration would
+        # cost every fork's page tables its size), and the few tuples of buckets that
+        # registrations share (one each would too).
+        self._on_collected = self._collected
+        self._bucket_sets: dict[tuple[int, ...], tuple[dict[int, Any], ...]] = {}
         # Forks in progress, by forking thread: a stack, since a before-hook may fork.
         self._forks: dict[int, list[_ForkState]] = {}
         self._phases = _fork_phases.Phases(self)
@@ -429,13 +433,15 @@ class Registry:
             reg._value = target.value
             reg._pykind = target.kind
             reg._address = id(target.obj)
-            reg._ref = _targets.reference(target.obj, target.kind, reg._collected)
+            reg._ref = _targets.reference(target.obj, target.kind, reg._token, self._on_collected)
             target.kind.on_register(target.obj)
             entries = self._py_entries(reg, target.obj, hold)
             self._phases.need(_fork_phases.ALL if hold else _fork_phases.CHILD)
             # On the fork hooks' lists before it is listed: a child forked in between
             # (another thread may fork at any bytecode) lists nothing it does not reset.
-            reg._buckets = tuple(bucket for bucket, _ in entries)
+            reg._buckets = self._bucket_sets.setdefault(
+                tuple(id(bucket) for bucket, _ in entries), tuple(b for b, _ in entries)
+            )
             for bucket, entry in entries:
                 bucket[reg._token] = entry
             self._objects[reg._token] = reg
@@ -475,7 +481,7 @@ class Registry:
         # A weak reference to the lock: the registration's own reference to `obj`
         # ends it when `obj` goes.  A lock registered itself is reached through that
         # same reference: one object fewer for the child to touch (and copy the page of).
-        ref = reg._ref if lock is obj and type(reg._ref) is weakref.ref else weakref.ref(lock)
+        ref = reg._ref if lock is obj and isinstance(reg._ref, weakref.ref) else weakref.ref(lock)
         locks = self._plain_locks if type(lock) is _targets.LOCK_TYPE else self._plain_rlocks
         entries: list[tuple[dict[int, Any], Any]] = [(locks, ref)]
         if waiters:
@@ -541,7 +547,6 @@ class Registry:
                 return False
             # May raise (called from a fork handler); the registration stays.
             ended_here = self.backend.unregister(reg._handle)
-            reg._active = False
             reg._ended = "unregistered"
             self._c_objects.pop(reg._handle, None)
             reg._keepalive = None
@@ -558,7 +563,6 @@ class Registry:
         last reference, possibly inside register()."""
         if not reg._active:
             return
-        reg._active = False
         reg._ended = why
         (self._hooks if reg._hooks is not None else self._objects).pop(reg._token, None)
         for bucket in reg._buckets:
@@ -567,15 +571,18 @@ class Registry:
         if reg._pykind is not None and address is not None and self._by_id.get(address) is reg:
             self._by_id.pop(address, None)
         reg._keepalive = None
-        if reg._ref is not None and why != "collected":
-            # The weak reference's callback refers back to `reg`: swap it for a plain
-            # one, so an ended registration is freed now, not at the next cyclic GC.
+        if reg._pykind is not None and reg._ref is not None and why != "collected":
             obj = reg._ref()
             if obj is not None:
-                # (An object without weak references is let go of altogether.)
-                reg._ref = weakref.ref(obj) if reg._pykind is None or reg._pykind.weak else None
-                if reg._pykind is not None:
-                    reg._pykind.on_end(obj)
+                if not reg._pykind.weak:  # held strongly while registered: let go of it
+                    reg._ref = None
+                reg._pykind.on_end(obj)
+
+    def _collected(self, ref: _targets.TokenReference) -> None:
+        """Weakref callback: a registered object is gone, so is its registration."""
+        reg = self._objects.get(ref.token)
+        if reg is not None and reg._ref is ref:
+            self._end(reg, "collected")
 
     def registrations(self) -> list[Registration]:
         """Python-made registrations in registration order, then those made through
@@ -642,7 +649,7 @@ class Registry:
             if ok:
                 state.held.append((reg, obj))
             else:
-                reg._hold_timeouts += 1
+                reg._timeouts += 1
                 state.timed_out.append(reg)
 
     def after_fork_in_parent(self) -> None:
@@ -742,8 +749,8 @@ class Registry:
             if reg._policy != "hold":
                 continue
             info = self.backend.info(reg._handle) if reg._handle is not None else None
-            if info is not None and info.hold_timeouts > reg._c_timeouts_seen:
-                reg._c_timeouts_seen = info.hold_timeouts
+            if info is not None and info.hold_timeouts > reg._timeouts:
+                reg._timeouts = info.hold_timeouts
                 named += 1
                 _warn_timeout(repr(reg), reg._timeout, stacklevel=4)
         if named < count:

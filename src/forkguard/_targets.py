@@ -584,21 +584,31 @@ class StrongReference:
         return self._obj
 
 
+class TokenReference(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference that carries its registration's token, so one callback of
+    the registry's serves them all: a bound method per registration would cost a
+    fork's page tables about 60 bytes more per registered object."""
+
+    __slots__ = ("token",)
+
+    token: int
+
+
 def reference(
-    obj: object, kind: PyKind, callback: Callable[[Any], None]
-) -> weakref.ref[Any] | StrongReference:
-    return weak_reference(obj, callback) if kind.weak else StrongReference(obj)
-
-
-def weak_reference(obj: object, callback: Callable[[Any], None]) -> weakref.ref[Any]:
+    obj: object, kind: PyKind, token: int, callback: Callable[[Any], None]
+) -> TokenReference | StrongReference:
+    if not kind.weak:
+        return StrongReference(obj)
     try:
-        return weakref.ref(obj, callback)
+        ref = TokenReference(obj, callback)
     except TypeError:
         raise TypeError(
             f"cannot register {_type_name(obj)}: forkguard holds Python objects through "
             f"weak references, which it does not support (add '__weakref__' to its "
             f"__slots__)"
         ) from None
+    ref.token = token
+    return ref
 
 
 def _python_kind(obj: object) -> PyKind:
