@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import NATIVE_ENV
 
 LOCKS = 100  # Python locks in the "N locks" variants
+MANY = 10000  # ... and in the "many locks" ones, where the cost per lock shows
 MUTEXES = 1000  # C mutexes in the "C mutexes" variant
 # Ten threads waiting on an event, as idle workers do (forkguard.watch()'s variants).
 THREADS = (
@@ -73,6 +74,32 @@ VARIANTS = {
         "import forkguard\n"
         f"locks = [threading.Lock() for _ in range({LOCKS})]\n"
         "regs = [forkguard.register(lock) for lock in locks]"
+    ),
+    # Per lock, at MANY: the hand-written loop, forkguard, and the floor under forkguard:
+    # its registrations kept (their memory, which every fork maps) with the child's
+    # work done by the hand-written loop (the registry's list of plain locks emptied,
+    # a private detail only this measurement touches).
+    "hand-many-locks": (
+        f"locks = [threading.Lock() for _ in range({MANY})]\n"
+        "def reinit():\n"
+        "    for lock in locks:\n"
+        "        lock._at_fork_reinit()\n"
+        "os.register_at_fork(after_in_child=reinit)"
+    ),
+    "forkguard-many-locks": (
+        "import forkguard\n"
+        f"locks = [threading.Lock() for _ in range({MANY})]\n"
+        "regs = [forkguard.register(lock) for lock in locks]"
+    ),
+    "floor-many-locks": (
+        "import forkguard\n"
+        f"locks = [threading.Lock() for _ in range({MANY})]\n"
+        "regs = [forkguard.register(lock) for lock in locks]\n"
+        "forkguard._REGISTRY._plain_locks.clear()\n"
+        "def reinit():\n"
+        "    for lock in locks:\n"
+        "        lock._at_fork_reinit()\n"
+        "os.register_at_fork(after_in_child=reinit)"
     ),
     # The baseline for registering C mutexes: the extension that owns them is loaded
     # and has made them (cffi and its .so mapped), forkguard imported and its C core
@@ -136,6 +163,27 @@ if sys.argv[1] == "1":
     import forkguard
 print(time.perf_counter() - start)
 """
+
+
+MEMORY_PROBE = r"""
+import gc, sys, threading, tracemalloc
+import forkguard
+locks = [threading.Lock() for _ in range(int(sys.argv[1]))]
+gc.collect()
+tracemalloc.start()
+before = tracemalloc.get_traced_memory()[0]
+regs = [forkguard.register(lock) for lock in locks]
+print((tracemalloc.get_traced_memory()[0] - before) / len(locks))
+"""
+
+
+def measure_registration_bytes() -> float:
+    """Bytes of Python heap per registered Lock (the registry's share, not the lock's),
+    at MANY registrations: what the "many locks" variants' forks copy page tables for."""
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(MANY)], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout)
 
 
 def measure_forks(rounds: int, batch: int, processes: int) -> dict[str, list[pyperf.Run]]:
@@ -208,6 +256,11 @@ def main() -> None:
     forks = measure_forks(args.rounds, args.batch, args.processes)
     benches = [pyperf.Benchmark(runs) for runs in forks.values()]
     imports = measure_import(args.import_samples)
+    metadata = {"name": "memory/py-lock-registration", "unit": "byte"}
+    memory = measure_registration_bytes()
+    benches.append(
+        pyperf.Benchmark([pyperf.Run([memory], metadata=metadata, collect_metadata=False)])
+    )
     for arm, label in (("0", "without"), ("1", "with")):
         metadata = {"name": f"import/{label}-forkguard", "unit": "second"}
         runs = [pyperf.Run([s], metadata=metadata, collect_metadata=False) for s in imports[arm]]

@@ -79,28 +79,6 @@ def hand_py_locks(n: int) -> Callable[[], None]:
     return setup
 
 
-def forkguard_memory_hand_work(n: int) -> Callable[[], None]:
-    """The floor for forkguard's Python locks: the same registrations kept (their
-    memory, which every fork maps), the child's work done by the hand-written loop
-    instead of forkguard's (its list of plain locks emptied, a private detail that
-    only this measurement touches)."""
-
-    def setup() -> None:
-        forkguard_py_locks(n)()
-        import forkguard
-
-        forkguard._REGISTRY._plain_locks.clear()
-        locks = _state["locks"]
-
-        def reinit() -> None:
-            for lock in locks:
-                lock._at_fork_reinit()  # type: ignore[attr-defined]
-
-        os.register_at_fork(after_in_child=reinit)
-
-    return setup
-
-
 def hand_ctypes_mutexes(n: int) -> Callable[[], None]:
     """...and for C mutexes: pthread_mutex_init through ctypes in the child."""
 
@@ -153,7 +131,6 @@ def main() -> None:
         bench(f"fork/py-lock/{n}", _once(forkguard_py_locks(n)))
         bench(f"fork/hand-py-lock/{n}", _once(hand_py_locks(n)))
         bench(f"fork/hand-ctypes-mutex/{n}", _once(hand_ctypes_mutexes(n)))
-    bench(f"fork/py-lock-hand-work/{COUNTS[-1]}", _once(forkguard_memory_hand_work(COUNTS[-1])))
     bench("fork/hold-free/py-lock", _once(forkguard_hold_free("py-lock")))
     bench("fork/hold-free/c-mutex", _once(forkguard_hold_free("c-mutex")))
 
