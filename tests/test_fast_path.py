@@ -160,3 +160,28 @@ def test_the_c_handlers_wait_for_the_first_c_registration() -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["[0,", "0,", "1,", "1,", "1]"]
+
+
+# What a process holds, every fork copies page tables for (about 50 ns per KB here,
+# benchmarks/results/results.md), so the features a long-running process switches on
+# load no module their work does not need: `typing` alone is about 440 KB of heap.
+@pytest.mark.parametrize(
+    "start",
+    ["pass", "forkguard.watch()", "forkguard.protect()", "forkguard.forward(queue.Queue())"],
+)
+def test_starting_a_feature_imports_no_typing(start: str) -> None:
+    script = textwrap.dedent(
+        f"""
+        import logging, queue, sys, threading
+        before = set(sys.modules)
+        import forkguard
+        {start}
+        print(sorted(set(sys.modules) - before))
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = run.stdout
+    assert "'typing'" not in loaded and "forkguard" in loaded, loaded

@@ -33,9 +33,13 @@ import re
 import sys
 import threading
 import traceback
-from typing import Any
 
 from forkguard import _fork_unsafe
+
+TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
+if TYPE_CHECKING:
+    from typing import Any
+
 
 _STACK_FRAMES = 12  # of a holder's stack: its innermost frames
 _RLOCK_OWNER = re.compile(r"\bowner=(\d+)")

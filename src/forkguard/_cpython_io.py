@@ -37,11 +37,17 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Final, Literal
 
 from forkguard._cpython_locks import LayoutError, layout_error, lock_pointers, seen_held
 from forkguard._targets import PyKind
 from forkguard._targets import _type_name as type_name
+
+TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
+if TYPE_CHECKING:
+    from typing import Any, Final, Literal, TypeAlias
+
+    Outcome: TypeAlias = Literal["reset", "idle", "inside", "closed"]
+
 
 _WORD: Final = struct.calcsize("P")
 _BUFFERED_TYPES: Final = (io.BufferedRandom, io.BufferedWriter, io.BufferedReader)
@@ -285,9 +291,6 @@ def lock_taken(obj: object) -> bool:
         return bool(lock)
     _unlock(lock)
     return False
-
-
-Outcome = Literal["reset", "idle", "inside", "closed"]
 
 
 def reset_buffered(obj: Any) -> Outcome:

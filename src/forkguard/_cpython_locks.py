@@ -38,10 +38,14 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Final
 
 from forkguard._targets import CODEC_MODULES, HASH_MODULES, PyKind
 from forkguard._targets import _type_name as type_name
+
+TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
+if TYPE_CHECKING:
+    from typing import Any, Final
+
 
 _WORD: Final = ctypes.sizeof(ctypes.c_void_p)
 _HEAD: Final = object.__basicsize__  # refcount and type: never the lock

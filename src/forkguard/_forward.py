@@ -32,9 +32,12 @@ import socket
 import struct
 import threading
 import weakref
-from typing import Any, Final
 
 from forkguard._targets import PyKind, QueueKind
+
+TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
+if TYPE_CHECKING:
+    from typing import Any, Final
 
 _CHUNK: Final = 32 * 1024  # below every Unix datagram limit seen (SO_SNDBUF ~208 KiB)
 _HEADER: Final = struct.Struct("=iQ?")  # sender pid, message number, more pieces follow

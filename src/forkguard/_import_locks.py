@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _bootstrap() -> Any:

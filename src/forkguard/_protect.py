@@ -41,9 +41,12 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from forkguard import _cpython_io, _import_locks, _registry
+
+TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
+if TYPE_CHECKING:
+    from typing import Any
 
 _get_ident = _thread.get_ident
 _allocate = _thread.allocate_lock

@@ -55,9 +55,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
 
 from forkguard import HANG_EXIT_STATUS, _audit
+
+TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
+if TYPE_CHECKING:
+    from typing import Any
+
 
 _c_ulong = __import__("ctypes").c_ulong
 _any, _map, _value = any, map, __import__("operator").attrgetter("value")
