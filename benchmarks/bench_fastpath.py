@@ -166,27 +166,57 @@ print(time.perf_counter() - start)
 
 
 MEMORY_PROBE = r"""
-import gc, sys, threading, tracemalloc
+import gc, os, sys, threading
+sys.path.insert(0, sys.argv[3])
 import forkguard
-locks = [threading.Lock() for _ in range(int(sys.argv[1]))]
+kind, n, first = sys.argv[1], int(sys.argv[2]), 1000
+if kind == "py-lock":
+    objs, options = [threading.Lock() for _ in range(first + n)], {}
+else:
+    from common import native
+    lib = native().lib
+    array = lib.bench_mutexes(first + n)
+    objs = [lib.bench_mutex_at(array, i) for i in range(first + n)]
+    options = {"mutex_type": "normal"}
+regs = [None] * len(objs)
+for i in range(first):  # what the first registrations load (the C core, its tables) stays out
+    regs[i] = forkguard.register(objs[i], **options)
 gc.collect()
-tracemalloc.start()
-before = tracemalloc.get_traced_memory()[0]
-regs = [forkguard.register(lock) for lock in locks]
-print((tracemalloc.get_traced_memory()[0] - before) / len(locks))
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = resident()
+for i in range(first, first + n):
+    regs[i] = forkguard.register(objs[i], **options)
+print((resident() - before) / n)
 """
 
 
-def measure_registration_bytes() -> float:
-    """Bytes of Python heap per registered Lock (the registry's share, not the lock's),
-    at MANY registrations: what the "many locks" variants' forks copy page tables for."""
+def measure_registration_bytes(kind: str) -> float:
+    """Resident bytes per registration of a `kind` ("py-lock" or "c-mutex") at MANY
+    registrations, Python's heap and the C core's together: what a fork copies page
+    tables for (the object itself and the program's list of registrations left out)."""
+    here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(MANY)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", MEMORY_PROBE, kind, str(MANY), here],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(out.stdout)
 
 
-def measure_forks(rounds: int, batch: int, processes: int) -> dict[str, list[pyperf.Run]]:
+def memory_control(c_mutex_bytes: float) -> str:
+    """The "C mutexes" baseline holding as much more memory as registering them all
+    takes, in bytes objects (each in an allocator size class a little over the
+    measured bytes): the floor a registration of that size cannot go below."""
+    size = max(int(c_mutex_bytes) - 40, 1)  # less a bytes object's header
+    return VARIANTS["c-mutexes"] + f"\nballast = [bytes({size}) for _ in range({MUTEXES})]"
+
+
+def measure_forks(
+    variants: dict[str, str], rounds: int, batch: int, processes: int
+) -> dict[str, list[pyperf.Run]]:
     here = os.path.dirname(os.path.abspath(__file__))
     # Several processes per variant, each with its own heap layout (WORKER): the
     # layout moves a fork's time and page faults by about as much as the effects
@@ -198,10 +228,10 @@ def measure_forks(rounds: int, batch: int, processes: int) -> dict[str, list[pyp
             stdout=subprocess.PIPE,
             text=True,
         )
-        for name, setup in VARIANTS.items()
+        for name, setup in variants.items()
         for number in range(processes)
     }
-    runs: dict[str, list[pyperf.Run]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[pyperf.Run]] = {name: [] for name in variants}
     try:
         for round_ in range(rounds + 1):  # round 0 warms every process up
             order = list(workers)
@@ -253,14 +283,16 @@ def main() -> None:
     args = parser.parse_args()
     if NATIVE_ENV not in os.environ:
         sys.exit(f"{NATIVE_ENV} is not set: run this through benchmarks/run.py")
-    forks = measure_forks(args.rounds, args.batch, args.processes)
-    benches = [pyperf.Benchmark(runs) for runs in forks.values()]
+    benches = []
+    memory = {kind: measure_registration_bytes(kind) for kind in ("py-lock", "c-mutex")}
+    for kind, nbytes in memory.items():
+        metadata = {"name": f"memory/{kind}-registration", "unit": "byte"}
+        run = pyperf.Run([nbytes], metadata=metadata, collect_metadata=False)
+        benches.append(pyperf.Benchmark([run]))
+    variants = dict(VARIANTS, **{"memory-c-mutexes": memory_control(memory["c-mutex"])})
+    forks = measure_forks(variants, args.rounds, args.batch, args.processes)
+    benches += [pyperf.Benchmark(runs) for runs in forks.values()]
     imports = measure_import(args.import_samples)
-    metadata = {"name": "memory/py-lock-registration", "unit": "byte"}
-    memory = measure_registration_bytes()
-    benches.append(
-        pyperf.Benchmark([pyperf.Run([memory], metadata=metadata, collect_metadata=False)])
-    )
     for arm, label in (("0", "without"), ("1", "with")):
         metadata = {"name": f"import/{label}-forkguard", "unit": "second"}
         runs = [pyperf.Run([s], metadata=metadata, collect_metadata=False) for s in imports[arm]]

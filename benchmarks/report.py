@@ -45,6 +45,8 @@ FAST_VARIANTS = {  # bench_fastpath.py's variants, in table order, with what the
     ),
     "forkguard-c-mutex": f"one of those {FAST_MUTEXES:,} C mutexes registered",
     "forkguard-c-mutexes": f"all {FAST_MUTEXES:,} C mutexes registered",
+    "memory-c-mutexes": f"none registered, holding as much more memory as {FAST_MUTEXES:,} "
+    "registrations do",
 }
 METHODS = ("fork", "fork+forkguard", "forkserver", "spawn")
 SIZES = ("bare", "200MB", "1GB")
@@ -101,6 +103,18 @@ class Target:
     measured: str
     met: bool | None  # None: not measured in this run
     why_missed: str
+
+
+def _cost_per_byte(r: Results) -> float | None:
+    """Seconds a fork costs per byte a process holds, from this run: the many-locks
+    floor (forkguard's registrations, the hand-written loop's work) less the
+    hand-written loop, over the registrations' resident bytes."""
+    names = ("floor-many-locks", "imported", "hand-many-locks", "bare")
+    if "memory/py-lock-registration" not in r or not all(f"fastpath/{n}" in r for n in names):
+        return None
+    floor, imported, hand, bare = (r.median(f"fastpath/{n}") for n in names)
+    extra = ((floor - imported) - (hand - bare)) / FAST_MANY
+    return extra / r.median("memory/py-lock-registration") if extra > 0 else None
 
 
 def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
@@ -253,6 +267,31 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
         base, one, all_ = (
             r.median(fast(v)) for v in ("c-mutexes", "forkguard-c-mutex", "forkguard-c-mutexes")
         )
+        per_byte, memory = _cost_per_byte(r), ""
+        if per_byte is not None and "memory/c-mutex-registration" in r:
+            nbytes = r.median("memory/c-mutex-registration")
+            memory = (
+                f" A registration holds {nbytes:.0f} resident bytes (its Registration object "
+                "and dict entry, the C core's entry, restore record and index slot); at "
+                f"this run's cost of memory held (the 10,000-lock floor below: "
+                f"{per_byte * 1e9 * 1024:.0f} ns per KB) that alone is about "
+                f"{nbytes * per_byte * 1e9:.0f} ns per mutex."
+            )
+        if fast("memory-c-mutexes") in r:
+            floor = r.median(fast("memory-c-mutexes"))
+            memory += (
+                " The floor, measured in this run: the same process with none registered "
+                "but holding as much more memory (in bytes objects) costs "
+                f"{floor / base:.3f}x, and forkguard {all_ / floor:.3f}x that floor."
+            )
+        if per_byte is not None and "memory/c-mutex-registration" in r:
+            room = 0.01 * base / FAST_MUTEXES / per_byte
+            memory += (
+                f" +1% leaves room for about {room:.0f} bytes per registration at that cost: "
+                "closing it would take a leaner Registration for C objects (it has fields "
+                "for every kind, and its handle and address are ints of their own) and the "
+                "C core's entries without their 64-byte name inline (not done)."
+            )
         return (
             f"in this run one registered mutex costs {one / base:.3f}x: the C core's fixed "
             "part, paid once by a process that registers any C object: its atfork handlers "
@@ -263,8 +302,8 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
             f"{FAST_MUTEXES - 1:,} add "
             f"{(all_ - one) / (FAST_MUTEXES - 1) * 1e9:.0f} ns each: their restore entries "
             "and the mutexes are read (a free mutex is only read, so its page is not "
-            "copied), and the Python bookkeeping of each registration makes the heap whose "
-            "page tables a fork copies bigger."
+            "copied), and each registration makes the memory whose page tables a fork "
+            "copies bigger." + memory
         )
 
     add(
@@ -310,11 +349,16 @@ def _many_locks_target(r: Results, add: Callable[..., None]) -> None:
         hand = per_lock("hand-many-locks", "bare")
         floor = per_lock("floor-many-locks", "imported")
         size, room = "a few hundred bytes", ""
+        per_byte = _cost_per_byte(r)
         if "memory/py-lock-registration" in r:
-            nbytes = r.median("memory/py-lock-registration")
-            size = f"{nbytes:.0f} bytes"
-            if floor > hand:  # the room 1.1x leaves, at this run's cost per byte held
-                room = f" (about {0.1 * hand / ((floor - hand) / nbytes):.0f} bytes here)"
+            size = f"{r.median('memory/py-lock-registration'):.0f} resident bytes"
+        if per_byte is not None:  # the room 1.1x leaves, at this run's cost per byte held
+            room = f" (about {0.1 * hand / per_byte:.0f} bytes here)"
+        loop = (
+            "is within a few percent of the hand-written loop's"
+            if ours <= floor * 1.05
+            else f"costs {(ours - floor) * 1e9:.0f} ns per lock more than the hand-written loop"
+        )
         return (
             "per lock a fork copies more page tables, and the child's exit frees them, for "
             "every byte the process holds; here the hand-written loop's process holds the "
@@ -324,9 +368,8 @@ def _many_locks_target(r: Results, add: Callable[..., None]) -> None:
             f"({floor / hand:.2f}x the hand-written loop), and forkguard {ours / floor:.2f}x "
             "that floor: what forkguard's loop itself does in the child (in C from 512 "
             "locks on, csrc/forkguard_plain.c; it reads the weak references and writes "
-            "only the locks, tests/test_plain_in_c.py) is within a few percent of the "
-            "hand-written loop's. The rest is the registrations' memory: "
-            f"{size} of Python heap each (the Registration that register() returns, the "
+            f"only the locks, tests/test_plain_in_c.py) {loop}. The rest is the "
+            f"registrations' memory: {size} each (the Registration that register() returns, the "
             "weak reference it holds the lock by, its entries in the registry's dicts). "
             f"1.1x would leave room for a fraction of that{room}: less than the "
             "Registration object and its weak reference alone take, so it is out of "
