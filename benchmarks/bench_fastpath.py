@@ -44,6 +44,13 @@ THREADS = (
     "    worker.start()\n"
 )
 
+# What one writes without forkguard: a child hook that re-initialises each of `locks`.
+HAND_LOOP = (
+    "def reinit():\n"
+    "    for lock in locks:\n"
+    "        lock._at_fork_reinit()\n"
+    "os.register_at_fork(after_in_child=reinit)"
+)
 # name -> set-up code run in the variant's process after the realistic imports.
 VARIANTS = {
     "bare": "",
@@ -63,13 +70,7 @@ VARIANTS = {
         "q = queue.Queue()\nos.register_at_fork(after_in_child=q.mutex._at_fork_reinit)"
     ),
     "forkguard-queue": "import forkguard\nq = queue.Queue()\nreg = forkguard.register(q)",
-    "hand-locks": (
-        f"locks = [threading.Lock() for _ in range({LOCKS})]\n"
-        "def reinit():\n"
-        "    for lock in locks:\n"
-        "        lock._at_fork_reinit()\n"
-        "os.register_at_fork(after_in_child=reinit)"
-    ),
+    "hand-locks": f"locks = [threading.Lock() for _ in range({LOCKS})]\n" + HAND_LOOP,
     "forkguard-locks": (
         "import forkguard\n"
         f"locks = [threading.Lock() for _ in range({LOCKS})]\n"
@@ -79,13 +80,7 @@ VARIANTS = {
     # its registrations kept (their memory, which every fork maps) with the child's
     # work done by the hand-written loop (the registry's list of plain locks emptied,
     # a private detail only this measurement touches).
-    "hand-many-locks": (
-        f"locks = [threading.Lock() for _ in range({MANY})]\n"
-        "def reinit():\n"
-        "    for lock in locks:\n"
-        "        lock._at_fork_reinit()\n"
-        "os.register_at_fork(after_in_child=reinit)"
-    ),
+    "hand-many-locks": f"locks = [threading.Lock() for _ in range({MANY})]\n" + HAND_LOOP,
     "forkguard-many-locks": (
         "import forkguard\n"
         f"locks = [threading.Lock() for _ in range({MANY})]\n"
@@ -95,11 +90,7 @@ VARIANTS = {
         "import forkguard\n"
         f"locks = [threading.Lock() for _ in range({MANY})]\n"
         "regs = [forkguard.register(lock) for lock in locks]\n"
-        "forkguard._REGISTRY._plain_locks.clear()\n"
-        "def reinit():\n"
-        "    for lock in locks:\n"
-        "        lock._at_fork_reinit()\n"
-        "os.register_at_fork(after_in_child=reinit)"
+        "forkguard._REGISTRY._plain_locks.clear()\n" + HAND_LOOP
     ),
     # The baseline for registering C mutexes: the extension that owns them is loaded
     # and has made them (cffi and its .so mapped), forkguard imported and its C core

@@ -105,23 +105,25 @@ class Target:
     why_missed: str
 
 
+def fast(name: str) -> str:
+    """The name of bench_fastpath.py's variant `name` in the results."""
+    return f"fastpath/{name}"
+
+
 def _cost_per_byte(r: Results) -> float | None:
     """Seconds a fork costs per byte a process holds, from this run: the many-locks
     floor (forkguard's registrations, the hand-written loop's work) less the
     hand-written loop, over the registrations' resident bytes."""
     names = ("floor-many-locks", "imported", "hand-many-locks", "bare")
-    if "memory/py-lock-registration" not in r or not all(f"fastpath/{n}" in r for n in names):
+    if "memory/py-lock-registration" not in r or not all(fast(n) in r for n in names):
         return None
-    floor, imported, hand, bare = (r.median(f"fastpath/{n}") for n in names)
+    floor, imported, hand, bare = (r.median(fast(n)) for n in names)
     extra = ((floor - imported) - (hand - bare)) / FAST_MANY
     return extra / r.median("memory/py-lock-registration") if extra > 0 else None
 
 
 def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
     """The fast path's targets, from bench_fastpath.py's interleaved run."""
-
-    def fast(name: str) -> str:
-        return f"fastpath/{name}"
 
     def versus(ours: str, base: str, limit: float) -> Callable[[], tuple[str, bool]]:
         def compute() -> tuple[str, bool]:
@@ -330,9 +332,6 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
 
 def _many_locks_target(r: Results, add: Callable[..., None]) -> None:
     """Python locks at bench_fastpath.py's MANY: forkguard, by hand, and the floor."""
-
-    def fast(name: str) -> str:
-        return f"fastpath/{name}"
 
     def per_lock(ours: str, base: str) -> float:
         return (r.median(fast(ours)) - r.median(fast(base))) / FAST_MANY
