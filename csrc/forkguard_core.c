@@ -147,7 +147,10 @@ typedef struct {
 #if FG_RESET_BY_COPY
     fg_template *tpl;
 #endif
-    char name[FG_NAME_MAX];
+    /* Allocated apart, and only when given (NULL otherwise): most registrations
+     * have none, and 64 bytes inline were half of every entry, which each fork
+     * copies page tables for. */
+    char *name;
 } fg_entry;
 
 static struct {
@@ -372,6 +375,8 @@ static void slot_free(int32_t i)
 {
     fg_entry *e = &reg.slots[i];
     e->kind = 0;
+    free(e->name);
+    e->name = NULL;
     /* A slot whose generation would pass 2^31 is retired: no handle ever
      * matches two registrations, and handles fit in 63 bits. */
     if (++e->generation >= UINT32_C(1) << 31)
@@ -902,6 +907,13 @@ int fg_last_fork_timeouts(void)
     return tls_last_timeouts;
 }
 
+int fg_take_fork_timeouts(void)
+{
+    int n = tls_last_timeouts;
+    tls_last_timeouts = 0;
+    return n;
+}
+
 /* ------------------------------------------------------------------ */
 /* Initialisation. */
 
@@ -1043,6 +1055,8 @@ static int check_common(const void *obj, size_t align, int policy,
     return ready();
 }
 
+/* `name` is only borrowed here: insert() copies it once the registration is
+ * sure to be made. */
 static void entry_init(fg_entry *e, int kind, void *obj, int policy,
                        double timeout, const char *name)
 {
@@ -1052,12 +1066,25 @@ static void entry_init(fg_entry *e, int kind, void *obj, int policy,
     e->policy = (uint8_t)policy;
     e->timeout = timeout;
     e->mutex_type = -1;
-    if (name) {
-        size_t n = strlen(name);
-        if (n >= FG_NAME_MAX)
-            n = FG_NAME_MAX - 1;
-        memcpy(e->name, name, n);
+    e->name = (char *)name;
+}
+
+/* The entry's own copy of a name (truncated to FG_NAME_MAX - 1 bytes); NULL
+ * for none or an empty one, and on ENOMEM (*ok cleared). */
+static char *name_copy(const char *name, int *ok)
+{
+    *ok = 1;
+    if (name == NULL || name[0] == '\0')
+        return NULL;
+    size_t n = strnlen(name, FG_NAME_MAX - 1);
+    char *copy = malloc(n + 1);
+    if (copy == NULL) {
+        *ok = 0;
+        return NULL;
     }
+    memcpy(copy, name, n);
+    copy[n] = '\0';
+    return copy;
 }
 
 #if FG_RESET_BY_COPY
@@ -1112,7 +1139,10 @@ static int insert_locked(const fg_entry *proto, const fg_template_arg *tpl, fg_a
     if (is_obj && tpl != NULL && (shared = template_intern(tpl)) == NULL)
         return FORKGUARD_ENOMEM;
 #endif
-    if ((i = slot_alloc()) == NIL) {
+    int named;
+    char *name = name_copy(proto->name, &named);
+    if (!named || (i = slot_alloc()) == NIL) {
+        free(name);
 #if FG_RESET_BY_COPY
         template_release(shared);
 #endif
@@ -1123,6 +1153,7 @@ static int insert_locked(const fg_entry *proto, const fg_template_arg *tpl, fg_a
     uint32_t generation = e->generation;
     *e = *proto;
     e->generation = generation;
+    e->name = name;
     e->active = active;
     if (is_obj) {
         list_append(&reg.obj_head, &reg.obj_tail, i);
@@ -1522,7 +1553,8 @@ int fg_info(uint64_t handle, fg_info_t *info)
             info->hold_timeouts = __atomic_load_n(&e->active->hold_timeouts, __ATOMIC_RELAXED);
         info->address = (uintptr_t)e->obj;
         info->by_python = e->by_python;
-        memcpy(info->name, e->name, FG_NAME_MAX);
+        if (e->name != NULL)
+            strcpy(info->name, e->name); /* at most FG_NAME_MAX - 1 bytes, name_copy() */
     }
     read_end(locked);
     return i == NIL ? FORKGUARD_ESTALE : FORKGUARD_OK;

@@ -236,6 +236,33 @@ def test_c_api_registrations_are_listed_and_can_be_ended(table: tuple[FFI, Any],
     assert reg.unregister() is False
 
 
+def test_c_core_keeps_each_registrations_own_name(table: tuple[FFI, Any], ext: Any) -> None:
+    """The C core copies a name apart from its entry (most registrations have none):
+    a long one is cut to 63 bytes, an unnamed registration gets the default name, and a
+    slot used again never shows an earlier registration's name."""
+    ffi, api = table
+    mutexes = [ext.lib.mutex_new(ext.lib.PTHREAD_MUTEX_NORMAL, 0, 0) for _ in range(2)]
+    first, second = (
+        ffi.cast("pthread_mutex_t *", int(ext.ffi.cast("uintptr_t", m))) for m in mutexes
+    )
+    out = ffi.new("forkguard_handle *")
+
+    def named(handle: int) -> str:
+        (reg,) = [r for r in forkguard.registrations() if r._handle == handle]
+        return reg.name
+
+    assert api.register_mutex(first, 0, 0, 1.0, b"n" * 200, out) == 0
+    long_name = out[0]
+    assert named(long_name) == "n" * 63
+    assert api.unregister(long_name) == 0
+    assert api.register_mutex(second, 0, 0, 1.0, ffi.NULL, out) == 0  # in the freed slot
+    assert named(out[0]) == f"pthread_mutex_t (normal) at {int(ffi.cast('uintptr_t', second)):#x}"
+    assert api.unregister(out[0]) == 0
+    assert api.register_mutex(first, 0, 0, 1.0, b"", out) == 0  # empty: none
+    assert named(out[0]) == f"pthread_mutex_t (normal) at {int(ffi.cast('uintptr_t', first)):#x}"
+    assert api.unregister(out[0]) == 0
+
+
 def test_capsule_and_address_are_the_same_table() -> None:
     import ctypes
 
