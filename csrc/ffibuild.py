@@ -108,6 +108,7 @@ int fg_mutex_owner(uint64_t handle, long *owner);
 int fg_mutex_fields(size_t *lock_at, size_t *owner_at);
 int fg_sem_value(sem_t *sem, unsigned int *value);
 int fg_last_fork_timeouts(void);
+int fg_take_fork_timeouts(void);
 const char *fg_strerror(int code);
 """
 

@@ -113,9 +113,11 @@ int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int 
  * object registered already. */
 int64_t fgpy_find(uintptr_t address);
 
-/* How many holds timed out in the calling thread's most recent fork (its
- * os.fork() "after in parent" hook reads it to warn). */
+/* How many holds timed out in the calling thread's most recent fork, not yet
+ * taken: its os.fork() "after in parent" hook reads it (one call, no Python,
+ * while it is 0) and takes it to warn, so two hooks never warn twice. */
 int fg_last_fork_timeouts(void);
+int fg_take_fork_timeouts(void);
 
 const char *fg_strerror(int code);
 

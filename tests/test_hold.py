@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +15,7 @@ from typing import Any
 import pytest
 
 import forkguard
+from test_c_api import TABLE_CDEF
 
 from forking import run_in_child, wait_status
 
@@ -211,3 +216,87 @@ def test_hold_of_rlock_owned_by_the_forking_thread() -> None:
         result = run_in_child(child, deadline=OK)
         assert result.status == "ok", result.detail
         assert rlock._is_owned()  # type: ignore[attr-defined]
+
+
+# A fresh interpreter, so the order of the fork phases is the one set up here: the C
+# API's parent hook installed first, then (optionally) a Python hold's phases.  A
+# ctypes thread holds a C mutex registered through the C API with policy "hold" and a
+# short timeout, so every fork times out on it; the script records each warning and
+# whether the Python hold's lock was still held when it was shown.
+C_API_TIMEOUT = textwrap.dedent(
+    """
+    import ctypes, json, os, sys, threading, warnings
+    from cffi import FFI
+    import forkguard
+
+    ffi = FFI()
+    ffi.cdef(sys.argv[1])
+    api = ffi.cast("forkguard_api *", forkguard._C_API_ADDRESS)  # its parent hook: first
+    lock = threading.Lock()
+    if sys.argv[2] == "python-hold":
+        reg = forkguard.register(lock, policy="hold", timeout=5)
+
+    libc = ctypes.CDLL(None)
+    mutex = ctypes.create_string_buffer(64)  # a default (normal) mutex on glibc: zeroes
+    taken, done = threading.Event(), threading.Event()
+
+    def hold():
+        libc.pthread_mutex_lock(mutex)
+        taken.set()
+        done.wait()
+        libc.pthread_mutex_unlock(mutex)
+
+    threading.Thread(target=hold, daemon=True).start()
+    taken.wait()
+    handle = ffi.new("forkguard_handle *")
+    target = ffi.cast("pthread_mutex_t *", ctypes.addressof(mutex))
+    assert api.register_mutex(target, 0, 1, 0.1, b"held elsewhere", handle) == 0
+
+    shown = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        shown.append([str(message), category.__name__, lineno, lock.locked()])
+
+    warnings.showwarning = record
+    warnings.simplefilter("always")
+    for _ in range(2):
+        pid = os.fork()  # the line warnings point at
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    done.set()
+    assert api.unregister(handle[0]) == 0
+    with open(__file__) as source:
+        fork_line = next(n for n, text in enumerate(source, 1) if "the line warnings" in text)
+    print(json.dumps({"shown": shown, "fork_line": fork_line}))
+    """
+)
+
+
+@pytest.mark.parametrize("setup", ["c-api-only", "python-hold"])
+def test_c_api_hold_timeouts_are_reported_once_per_fork_after_python_holds(
+    tmp_path: Any, setup: str
+) -> None:
+    """The C API's parent hook (one C call per fork) warns of a C hold that timed out,
+    once per fork, pointing at the os.fork() call; where a Python hold of the same fork
+    is installed after it, it leaves the warning to the parent phase, which first
+    releases that hold (a warning handler could wait on it)."""
+    script = tmp_path / "script.py"
+    script.write_text(C_API_TIMEOUT)
+    run = subprocess.run(
+        [sys.executable, str(script), TABLE_CDEF, setup],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    expected = [
+        "forkguard could not hold 1 C object(s) registered through the C API before fork; "
+        "the child got it reset instead, so the data it protects may be inconsistent there",
+        "HoldTimeoutWarning",
+        out["fork_line"],
+        False,  # the Python hold was released before
+    ]
+    assert out["shown"] == [expected, expected]

@@ -240,7 +240,7 @@ def __getattr__(name: str) -> object:
     ):
         value = _REGISTRY.backend.capsule() if name == "_C_API" else _REGISTRY.backend.api_address()
         # C code may register holds from now on: their timeouts are reported after forks.
-        _REGISTRY.need_fork_phases(_fork_phases.PARENT)
+        _REGISTRY.need_fork_phases(_fork_phases.C_HOLDS)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'forkguard' has no attribute {name!r}")

@@ -109,7 +109,8 @@ class Backend(Protocol):
     def mutex_owner(self, handle: int) -> int | None: ...
     def mutex_fields(self) -> tuple[int, int] | None: ...
     def handles(self) -> list[int]: ...
-    def last_fork_timeouts(self) -> int: ...
+    def take_fork_timeouts(self) -> int: ...
+    def fork_timeouts_function(self) -> Callable[[], int]: ...
     def count(self) -> int: ...
     def reset_plain_function(self) -> Callable[[int], int] | None: ...
 
@@ -356,9 +357,14 @@ class NativeBackend:
         name = int(self._ffi.cast("uintptr_t", self._lib.fg_capsule_name()))
         return capsule_new(self.api_address(), name, None)
 
-    def last_fork_timeouts(self) -> int:
-        """Holds that timed out in this thread's most recent fork."""
-        return int(self._lib.fg_last_fork_timeouts()) if self._loaded() else 0
+    def take_fork_timeouts(self) -> int:
+        """Holds that timed out in this thread's most recent fork, not taken yet; taken."""
+        return int(self._lib.fg_take_fork_timeouts()) if self._loaded() else 0
+
+    def fork_timeouts_function(self) -> Callable[[], int]:
+        """The C call that says whether this thread's most recent fork has timeouts
+        not taken yet (loading the core): what a fork's parent hook calls first."""
+        return self._lib.fg_last_fork_timeouts
 
     def count(self) -> int:
         return int(self._lib.fg_count()) if self._loaded() else 0
@@ -457,8 +463,11 @@ class NoForkBackend:
     def sem_value_max(self) -> int:
         return 2**31 - 1
 
-    def last_fork_timeouts(self) -> int:
+    def take_fork_timeouts(self) -> int:
         return 0
+
+    def fork_timeouts_function(self) -> Callable[[], int]:
+        return self.take_fork_timeouts  # (never asked for: nothing forks)
 
     def count(self) -> int:
         return len(self._live)

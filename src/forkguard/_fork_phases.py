@@ -9,7 +9,8 @@ and a registry installs a phase when the first registration that needs it arrive
 registration                           phases
 =====================================  ==========================================
 C object, policy "reset"               none (the C core restores it)
-C object, policy "hold"; the C API     after_in_parent (reports hold timeouts)
+C object, policy "hold"; the C API     C_HOLDS: an after_in_parent hook of one C
+                                       call, which reports hold timeouts
 Python object, policy "reset"          after_in_child
 Python object, policy "hold"           all three
 ``at_fork()`` hooks                    the hooks' phases; ``before`` means all three
@@ -18,6 +19,13 @@ Python object, policy "hold"           all three
 A before-hook's state is popped by the parent and child phases, which is why
 ``before`` always comes with both.  Once installed, a phase stays; with nothing
 registered any more it does only a few attribute reads.
+
+C_HOLDS is apart from the parent phase because every extension that uses the C API
+installs it (C code may register a hold at any time): the full parent phase touched
+enough objects to cost each fork about 30 page faults in the parent, this one the
+objects of one call.  When both are installed, whichever runs first with no Python
+hold of this fork left to release takes the C core's count (so it is reported once,
+and never while a Python hold a warning handler might wait on is still held).
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from forkguard._registry import Registry
 
-BEFORE, PARENT, CHILD = 1, 2, 4
+BEFORE, PARENT, CHILD, C_HOLDS = 1, 2, 4, 8
 ALL = BEFORE | PARENT | CHILD
 
 
@@ -57,6 +67,8 @@ class Phases:
             os.register_at_fork(after_in_child=registry.after_fork_in_child)
         if missing & PARENT:
             os.register_at_fork(after_in_parent=registry.after_fork_in_parent)
+        if missing & C_HOLDS:
+            os.register_at_fork(after_in_parent=_c_holds_hook(registry))
         if missing & BEFORE:
             os.register_at_fork(before=registry.before_fork)
         self._installed |= missing
@@ -64,3 +76,15 @@ class Phases:
     @property
     def installed(self) -> int:
         return self._installed
+
+
+def _c_holds_hook(registry: Registry) -> Callable[[], None]:
+    """The C_HOLDS phase: one C call per fork while no C hold timed out."""
+    pending = registry.backend.fork_timeouts_function()
+    report = registry.report_c_timeouts
+
+    def after_fork_c_holds() -> None:
+        if pending():
+            report()
+
+    return after_fork_c_holds

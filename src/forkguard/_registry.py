@@ -330,8 +330,8 @@ class Registry:
         # Without the registry's lock: the C core decides which of two racing
         # registrations of one object is made, and the Python side of a C object is
         # single dict operations on _c_objects, keyed by its (never reused) handle.
-        if hold and not self._phases.installed & _fork_phases.PARENT:
-            self.need_fork_phases(_fork_phases.PARENT)
+        if hold and not self._phases.installed & _fork_phases.C_HOLDS:
+            self.need_fork_phases(_fork_phases.C_HOLDS)
         policy = _backend.POLICY_HOLD if hold else _backend.POLICY_RESET
         while True:
             handle = self.backend.register(
@@ -666,9 +666,9 @@ class Registry:
         # could have blocked on one of them.
         for reg in state.timed_out:
             _warn_timeout(repr(reg), reg._timeout, stacklevel=3)
-        c_timeouts = self.backend.last_fork_timeouts()
+        c_timeouts = self.backend.take_fork_timeouts()
         if c_timeouts:
-            self._warn_c_timeouts(c_timeouts)
+            self._warn_c_timeouts(c_timeouts, stacklevel=4)
         for reg in list(self._hooks.values()):
             _call_hook(reg, 1, errors)
         _raise_all(errors)
@@ -743,7 +743,17 @@ class Registry:
         for reg in list(self._hooks.values()):
             _call_hook(reg, 2, errors)
 
-    def _warn_c_timeouts(self, count: int) -> None:
+    def report_c_timeouts(self) -> None:
+        """The C_HOLDS phase, at a fork where C holds timed out (_fork_phases.py): warn,
+        unless this thread still holds a Python hold of the fork (a warning handler
+        could wait on it); the parent phase, which releases those first, warns then."""
+        if self._forks.get(threading.get_ident()):
+            return
+        count = self.backend.take_fork_timeouts()
+        if count:
+            self._warn_c_timeouts(count, stacklevel=5)
+
+    def _warn_c_timeouts(self, count: int, stacklevel: int) -> None:
         named = 0
         for reg in list(self._c_objects.values()):
             if reg._policy != "hold":
@@ -752,10 +762,10 @@ class Registry:
             if info is not None and info.hold_timeouts > reg._timeouts:
                 reg._timeouts = info.hold_timeouts
                 named += 1
-                _warn_timeout(repr(reg), reg._timeout, stacklevel=4)
+                _warn_timeout(repr(reg), reg._timeout, stacklevel=stacklevel)
         if named < count:
             what = f"{count - named} C object(s) registered through the C API"
-            _warn_timeout(what, None, stacklevel=4)
+            _warn_timeout(what, None, stacklevel=stacklevel)
 
 
 # Seconds a register() waits for another thread's register() of the same C object to
