@@ -109,6 +109,24 @@ VARIANTS = {
         f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})\n"
         "reg = forkguard.register(lib.bench_mutex_at(array, 0), mutex_type='normal')"
     ),
+    # The fix an extension writes without forkguard: its own child handler runs
+    # pthread_mutex_init on each of its mutexes (every page of them written).
+    "hand-c-mutexes": (
+        "import forkguard\n"
+        "from common import native\n"
+        f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})\n"
+        "forkguard._REGISTRY.backend._lib  # loads the core\n"
+        f"assert lib.bench_hand_reset(array, {MUTEXES}) == 0"
+    ),
+    # All of them registered through the C API (forkguard.h): the C core's part alone,
+    # no Python object per mutex.
+    "capi-c-mutexes": (
+        "import forkguard\n"
+        "from common import native\n"
+        f"lib = native().lib\narray = lib.bench_mutexes({MUTEXES})\n"
+        "table = native().ffi.cast('void *', forkguard._C_API_ADDRESS)\n"
+        f"assert lib.bench_c_api_register_all(table, array, {MUTEXES}) == 0"
+    ),
     "forkguard-c-mutexes": (
         "import forkguard\n"
         "from common import native\n"

@@ -20,10 +20,13 @@ pthread_mutex_t *bench_mutexes(long n);
 pthread_mutex_t *bench_mutex_at(pthread_mutex_t *array, long i);
 uintptr_t bench_mutex_size(void);
 double bench_c_api_pairs(const void *table, pthread_mutex_t *m, long n);
+int bench_c_api_register_all(const void *table, pthread_mutex_t *array, long n);
+int bench_hand_reset(pthread_mutex_t *array, long n);
 """
 
 NATIVE_SOURCE = r"""
 #include <forkguard.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -56,6 +59,39 @@ double bench_c_api_pairs(const void *table, pthread_mutex_t *m, long n)
     }
     clock_gettime(CLOCK_MONOTONIC, &b);
     return (double)(b.tv_sec - a.tv_sec) + (double)(b.tv_nsec - a.tv_nsec) * 1e-9;
+}
+
+/* Registers each of n mutexes through the C API (no Python object per mutex);
+ * 0, or -1 if one was refused. */
+int bench_c_api_register_all(const void *table, pthread_mutex_t *array, long n)
+{
+    if (forkguard_attach(table) != FORKGUARD_OK)
+        return -1;
+    for (long i = 0; i < n; i++) {
+        forkguard_handle h;
+        if (forkguard_register_mutex(&array[i], FORKGUARD_MUTEX_NORMAL, FORKGUARD_POLICY_RESET,
+                                     FORKGUARD_DEFAULT_TIMEOUT, NULL, &h) != FORKGUARD_OK)
+            return -1;
+    }
+    return 0;
+}
+
+/* The fix an extension writes by hand: its own child handler initialises each of
+ * its mutexes again.  Once per process; 0, or pthread_atfork's error. */
+static pthread_mutex_t *hand_array;
+static long hand_n;
+
+static void hand_child(void)
+{
+    for (long i = 0; i < hand_n; i++)
+        pthread_mutex_init(&hand_array[i], NULL);
+}
+
+int bench_hand_reset(pthread_mutex_t *array, long n)
+{
+    hand_array = array;
+    hand_n = n;
+    return pthread_atfork(NULL, NULL, hand_child);
 }
 """
 
