@@ -99,6 +99,8 @@ int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int 
                       int policy, double timeout, const char *name);
 int64_t fgpy_find(uintptr_t address);
 int fgpy_reset_plain(uintptr_t plain);
+int fgpy_watch_install(uintptr_t box, uintptr_t look, uintptr_t state, uintptr_t lock_types,
+                       long owner_at, int every);
 static const double FORKGUARD_DEFAULT_TIMEOUT;
 static const double FORKGUARD_TIMEOUT_MAX;
 int fg_features(void);
@@ -121,6 +123,7 @@ PREAMBLE = """
 #define FG_ALIGNOF_SEM _Alignof(sem_t)
 static const char *fg_capsule_name(void) { return FORKGUARD_CAPSULE_NAME; }
 #include "forkguard_plain.c" /* the child's reset of plain Python locks */
+#include "forkguard_watch.c" /* watch()'s look before each fork */
 
 """
 
@@ -148,6 +151,8 @@ def _flags() -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
     return compile_args, link_args, macros
 
 
+_INCLUDED = ("forkguard_core.h", "forkguard_plain.c", "forkguard_watch.c")
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 _args, _link_args, _macros = _flags()
@@ -157,7 +162,7 @@ ffibuilder.set_source(
     # the file, and setuptools recompiles instead of reusing an older build/.
     f"/* flags: {' '.join(_args + _link_args)} {_macros} */\n{PREAMBLE}",
     sources=[os.path.relpath(HERE / "forkguard_core.c")],
-    depends=[os.path.relpath(HERE / name) for name in ("forkguard_core.h", "forkguard_plain.c")]
+    depends=[os.path.relpath(HERE / name) for name in _INCLUDED]
     + [os.path.relpath(INCLUDE / "forkguard.h")],
     include_dirs=[os.path.relpath(HERE), os.path.relpath(INCLUDE)],
     extra_compile_args=_args,

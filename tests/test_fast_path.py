@@ -206,3 +206,137 @@ def test_starting_a_feature_imports_no_typing(start: str) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     loaded = run.stdout
     assert "'typing'" not in loaded and "forkguard" in loaded, loaded
+
+
+# watch() on, after one fork (the first counts the process's threads).
+WATCHING = """
+import forkguard
+w = forkguard.watch()
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+# A thread stopped inside a write to a buffered file, holding the file's lock.
+FILE_HELD = """
+import atexit, io
+inside, go_on = threading.Event(), threading.Event()
+
+class Stalled(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, b):
+        inside.set()
+        go_on.wait(30)
+        return len(b)
+
+f = io.BufferedWriter(Stalled())
+"""
+
+HOLD_IT = """
+writer = threading.Thread(target=lambda: (f.write(b"x"), f.flush()), daemon=True)
+writer.start()
+assert inside.wait(10)
+atexit.register(lambda: (go_on.set(), writer.join(10)))
+"""
+
+
+# A file the C hook's list still has, gone (between its end and the list's rebuild).
+FILE_GONE = """
+import io, weakref
+from forkguard import _watch
+g = io.BufferedWriter(io.BytesIO())
+gone = weakref.ref(g)
+del g
+assert gone() is None
+_watch._c_state[2] += (gone,)
+"""
+
+
+# Locks the C hook tries: a queue's mutex (a Lock) and a Condition's RLock, free.
+LOCKS = "q, cond = queue.Queue(), threading.Condition()\n"
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [("", ""), ("", FILE_GONE), (LOCKS, "")],
+    ids=["files", "a file gone", "locks"],
+)
+def test_watch_costs_the_parent_no_python_call_while_nothing_is_taken(
+    before: str, after: str
+) -> None:
+    """watch()'s look is a C hook (csrc/forkguard_watch.c): it reads the known files'
+    owner fields and tries the known locks, and calls the Python look only when one
+    is taken or a thread count is due (every 32nd fork)."""
+    assert calls_at_fork(before + WATCHING + after) == {"child": [], "parent": []}
+
+
+def test_watch_calls_the_python_look_when_a_file_is_taken() -> None:
+    calls = calls_at_fork(FILE_HELD + WATCHING + HOLD_IT)
+    assert calls["parent"][:1] == ["_look"], calls
+    assert "_after_in_child" in calls["child"], calls
+
+
+# The same locks, each held by another thread at the fork; and a lock the C hook
+# cannot try (a Condition's lock of a Python class), free.
+HELD = """
+held, done = threading.Event(), threading.Event()
+
+def hold(lock):
+    with lock:
+        held.set()
+        done.wait(30)
+
+threading.Thread(target=hold, args=({lock},), daemon=True).start()
+assert held.wait(10)
+atexit.register(done.set)
+"""
+PY_LOCK = """
+class PyLock:
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def acquire(self, blocking=True, timeout=-1):
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self):
+        self._lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+cond = threading.Condition(PyLock())
+"""
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (LOCKS, "import atexit\n" + HELD.format(lock="q.mutex")),
+        (LOCKS, "import atexit\n" + HELD.format(lock="cond")),
+        (PY_LOCK, ""),
+    ],
+    ids=["a Lock held", "an RLock held", "a lock of Python's"],
+)
+def test_watch_calls_the_python_look_for_a_lock_taken_or_not_tried_in_c(
+    before: str, after: str
+) -> None:
+    calls = calls_at_fork(before + WATCHING + after)
+    assert calls["parent"][:1] == ["_look"], calls
+
+
+def test_watch_counts_threads_in_python_every_32nd_fork() -> None:
+    more = "for _ in range(31):\n    os.waitpid(os.fork() or os._exit(0), 0)\n"
+    calls = calls_at_fork(WATCHING + more)
+    assert calls["parent"][:2] == ["_look", "_native_threads"], calls
+
+
+def test_without_the_gil_watch_s_look_stays_in_python() -> None:
+    # The count can fail: the Python hook runs at every fork.
+    no_gil = "sys._is_gil_enabled = lambda: False\n"
+    calls = calls_at_fork(no_gil + WATCHING)
+    assert calls["parent"][:2] == ["_before", "_look"], calls

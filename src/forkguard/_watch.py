@@ -129,6 +129,7 @@ class Watch:
             if _current is self:
                 _current = None
                 _set_gc_callback(False)
+                _index()  # (the C hook: off)
 
     def __repr__(self) -> str:
         state = "active" if self.active else "stopped"
@@ -172,8 +173,8 @@ def watch(
         return handle
     with _setup_lock():
         if not _hooked:
-            # The parent and child phases come with the first record (_before).
-            os.register_at_fork(before=_before)
+            # The parent and child phases come with the first record (_look).
+            os.register_at_fork(before=_hook())
             _hooked = True
         if _current is None:
             _wrap_inits()
@@ -181,7 +182,31 @@ def watch(
             _learn(gc.get_objects())
             _set_gc_callback(True)
         _current = handle
+        if _c_hook:
+            handle._native = _native_threads() > len(_active) + len(_limbo)
+        _index()
     return handle
+
+
+def _hook() -> Callable[[], None]:
+    """The before-hook: the C one (csrc/forkguard_watch.c), which calls the Python
+    look only when a field it reads shows a file taken, a thread count is due, or
+    _c_state says it must; or the Python one where there is no C core, or no GIL
+    (the C hook reads the files' fields under the GIL, which keeps them alive)."""
+    global _c_hook
+    if not _audit.gil_on():
+        return _before
+    try:
+        from forkguard._native import lib
+    except ImportError:
+        return _before
+    owner_at = _file_owner_offset() if _files_ok() else -1
+    box: list[Callable[[], None]] = []
+    types = (_thread.LockType, _thread.RLock)
+    if lib.fgpy_watch_install(id(box), id(_look), id(_c_state), id(types), owner_at, _NATIVE_EVERY):
+        return _before
+    _c_hook = True
+    return box[0]
 
 
 # ------------------------------------------------------------ the locks to check
@@ -237,7 +262,11 @@ def _forget(key: int, known: _Known) -> None:
 def _index() -> None:
     """The look before a fork reads two lists, rebuilt (never changed in place)
     whenever the locks looked at change: owner fields of files, weak references to
-    the other locks.  A loop over them allocates nothing per lock.
+    the other locks.  A loop over them allocates nothing per lock.  The C hook reads
+    _c_state, rebuilt with them: the files and locks, whether a watch is on, and
+    whether the Python look must run at every fork; so this runs too when a watch
+    starts or stops, a watchdog comes or goes, or threads Python does not know come
+    or go.
 
     Any thread may change them (a lock learned as it is made, a file gone at a
     garbage collection, whose callback may even run inside a rebuild): each call
@@ -261,6 +290,14 @@ def _rebuild() -> None:
     known = list(_at_fork.values())
     _file_words = [k.owner for k in known if k.owner is not None]
     _lock_refs = [k.lock for k in known if k.owner is None]
+    if not _c_hook:
+        return
+    w = _current
+    files = tuple(k.lock for k in known if isinstance(k.owner, _c_ulong))
+    python = _dog is not None or len(files) < len(_file_words)
+    if w is not None:
+        python = python or w._on_fork is not None or w._every_child or w._native
+    _c_state[:] = [w is not None or _dog is not None, bool(python), files, tuple(_lock_refs)]
 
 
 def _index_lock() -> Any:
@@ -273,6 +310,11 @@ def _index_lock() -> Any:
 
 _file_words: list[Any] = []
 _lock_refs: list[Any] = []
+# What the C hook (csrc/forkguard_watch.c) reads at each fork, once it is installed:
+# [a watch is on (or a watchdog to pause), the Python look must run, the files whose
+# owner fields it reads, the locks it tries (weak references)].  Set by _rebuild().
+_c_hook = False
+_c_state: list[Any] = [False, False, (), ()]
 _stale = False
 _indexing = (os.getpid(), _thread.allocate_lock())
 
@@ -533,6 +575,23 @@ def _records_lock() -> Any:
 
 
 def _before() -> None:
+    """The before-hook where the C one cannot be used: counts forks itself (on the
+    handle: it is touched anyway, and a page costs a fork a fault)."""
+    w = _current
+    count = False
+    if w is not None:
+        if w._tick:
+            w._tick -= 1
+        else:
+            w._tick = _NATIVE_EVERY - 1
+            count = True
+    _look(count)
+
+
+def _look(count: bool) -> None:
+    """What is taken before a fork, and by whom; `count`: count the process's
+    threads too.  Called by the C hook only when something may be taken or a
+    thread count is due, or when it must run at every fork (_rebuild)."""
     if _dog is not None:
         _dog.pause()
     w = _current
@@ -542,12 +601,11 @@ def _before() -> None:
         w._on_fork()
     # Threads threading does not know (native ones, _thread's) may hold C locks no
     # Python object shows.  (stat() lets other threads run: it comes first.)
-    # (on the handle: it is touched anyway, and a page costs a fork a fault)
-    if w._tick:
-        w._tick -= 1
-    else:
-        w._tick = _NATIVE_EVERY
-        w._native = _native_threads() > len(_active) + len(_limbo)
+    if count:
+        native = _native_threads() > len(_active) + len(_limbo)
+        if native != w._native:
+            w._native = native
+            _index()  # (the C hook calls here at every fork while there are some)
     # Each object touched here costs the fork a page written (a first write after
     # the last fork), and each allocation one more: the common case (nothing taken)
     # reads the files' owner fields and tries the locks, and allocates one map.
@@ -689,6 +747,8 @@ def _after_in_child() -> None:
     global _dog
     if _dog is not None:
         _dog = None  # a watchdog of the parent's did not come along
+        if _c_hook:
+            _index()
     if not _records:
         return
     rec = _records.get(_get_ident())
@@ -700,6 +760,8 @@ def _after_in_child() -> None:
     rec.taken_now = _taken_now(rec)
     if _current is not None:
         _dog = _Watchdog(_current, rec)
+        if _c_hook:
+            _index()  # the C hook calls the Python look, which pauses it at a fork
         _dog.start()
 
 
