@@ -260,17 +260,16 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
         [fast("watch-threads-10"), fast("threads-10")],
         versus("watch-threads-10", "threads-10", 1.05),
         lambda: (
-            "watch()'s look before each fork is one Python call: it reads the known "
-            "files' owner fields (here sys.stdin/stdout/stderr's buffers) by address, "
-            "tries the other known locks, and counts threads every 32nd fork; the child "
-            "runs no Python of watch()'s until a fork finds a lock taken. Faults per fork against "
-            "the same process without watch(): "
+            "watch()'s look before each fork is a C function (csrc/forkguard_watch.c): it "
+            "reads the known files' owner fields (here sys.stdin/stdout/stderr's buffers) "
+            "and tries the known locks, and calls Python only when one is taken and every "
+            "32nd fork (to count threads); the child runs no Python of watch()'s until a "
+            "fork finds a lock taken. Faults per fork against the same process without "
+            "watch(): "
             + faults("watch-threads-10", "threads-10")()[0]
-            + ". The parent's are the look's: each object it touches, each allocation, "
-            "is a page written after the last fork. The child's are what the modules "
-            "watch() loads (ctypes, the audit) do to any child, as the control imports "
-            "show (" + controls("child_minflt") + "). An empty Python before-hook, "
-            "measured in this run: "
+            + ". The child's are what the modules watch() loads (ctypes, the audit) do to "
+            "any child, as the control imports show (" + controls("child_minflt") + "). "
+            "An empty Python before-hook, measured in this run: "
             + (
                 versus("empty-hook-threads-10", "threads-10", 1.0)()[0]
                 + ", "
@@ -279,8 +278,7 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
                 if fast("empty-hook-threads-10") in r
                 else "not measured"
             )
-            + ". Closing the rest would take the look out of Python, into the C core's "
-            "prepare handler reading the known locks' words, which touches no object."
+            + ": what is left is of the order of this machine's noise between runs."
         ),
     )
 

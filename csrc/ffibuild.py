@@ -99,6 +99,7 @@ int64_t fgpy_register(int kind, uintptr_t address, int mutex_type, unsigned int 
                       int policy, double timeout, const char *name);
 int64_t fgpy_find(uintptr_t address);
 int fgpy_reset_plain(uintptr_t plain);
+int fgpy_holds_hook(uintptr_t box, uintptr_t report);
 int fgpy_watch_install(uintptr_t box, uintptr_t look, uintptr_t state, uintptr_t lock_types,
                        long owner_at, int every);
 static const double FORKGUARD_DEFAULT_TIMEOUT;
@@ -123,6 +124,7 @@ PREAMBLE = """
 #define FG_ALIGNOF_SEM _Alignof(sem_t)
 static const char *fg_capsule_name(void) { return FORKGUARD_CAPSULE_NAME; }
 #include "forkguard_plain.c" /* the child's reset of plain Python locks */
+#include "forkguard_holds.c" /* the C_HOLDS fork phase */
 #include "forkguard_watch.c" /* watch()'s look before each fork */
 
 """
@@ -151,7 +153,7 @@ def _flags() -> tuple[list[str], list[str], list[tuple[str, str | None]]]:
     return compile_args, link_args, macros
 
 
-_INCLUDED = ("forkguard_core.h", "forkguard_plain.c", "forkguard_watch.c")
+_INCLUDED = ("forkguard_core.h", "forkguard_plain.c", "forkguard_holds.c", "forkguard_watch.c")
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

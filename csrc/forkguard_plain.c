@@ -3,7 +3,8 @@
  *
  * Included by the cffi module's source (csrc/ffibuild.py), after Python.h, with
  * the limited API cffi chooses.  The core (forkguard_core.c) knows nothing of
- * Python; this is the one place where C code calls into the interpreter.
+ * Python; this file, forkguard_holds.c and forkguard_watch.c are the C that calls
+ * into the interpreter, all three compiled into the cffi module only.
  *
  * Registry.after_fork_in_child() resets the registrations whose whole reset is a
  * threading Lock or RLock re-initialised and Conditions' waiter lists emptied.

@@ -277,7 +277,7 @@ C_API_TIMEOUT = textwrap.dedent(
 def test_c_api_hold_timeouts_are_reported_once_per_fork_after_python_holds(
     tmp_path: Any, setup: str
 ) -> None:
-    """The C API's parent hook (one C call per fork) warns of a C hold that timed out,
+    """The C API's parent hook (a C function object) warns of a C hold that timed out,
     once per fork, pointing at the os.fork() call; where a Python hold of the same fork
     is installed after it, it leaves the warning to the parent phase, which first
     releases that hold (a warning handler could wait on it)."""

@@ -110,7 +110,7 @@ class Backend(Protocol):
     def mutex_fields(self) -> tuple[int, int] | None: ...
     def handles(self) -> list[int]: ...
     def take_fork_timeouts(self) -> int: ...
-    def fork_timeouts_function(self) -> Callable[[], int]: ...
+    def c_holds_hook(self, report: Callable[[], None]) -> Callable[[], object]: ...
     def count(self) -> int: ...
     def reset_plain_function(self) -> Callable[[int], int] | None: ...
 
@@ -361,10 +361,14 @@ class NativeBackend:
         """Holds that timed out in this thread's most recent fork, not taken yet; taken."""
         return int(self._lib.fg_take_fork_timeouts()) if self._loaded() else 0
 
-    def fork_timeouts_function(self) -> Callable[[], int]:
-        """The C call that says whether this thread's most recent fork has timeouts
-        not taken yet (loading the core): what a fork's parent hook calls first."""
-        return self._lib.fg_last_fork_timeouts
+    def c_holds_hook(self, report: Callable[[], None]) -> Callable[[], object]:
+        """The C_HOLDS fork phase (loading the core): a C function object
+        (csrc/forkguard_holds.c) that calls `report` when this thread's most recent
+        fork has holds that timed out, not taken yet."""
+        box: list[Callable[[], object]] = []
+        if self._lib.fgpy_holds_hook(id(box), id(report)) != 0:
+            raise MemoryError("forkguard: could not make the C_HOLDS fork hook")
+        return box[0]
 
     def count(self) -> int:
         return int(self._lib.fg_count()) if self._loaded() else 0
@@ -466,8 +470,8 @@ class NoForkBackend:
     def take_fork_timeouts(self) -> int:
         return 0
 
-    def fork_timeouts_function(self) -> Callable[[], int]:
-        return self.take_fork_timeouts  # (never asked for: nothing forks)
+    def c_holds_hook(self, report: Callable[[], None]) -> Callable[[], object]:
+        return report  # (never asked for: nothing forks)
 
     def count(self) -> int:
         return len(self._live)

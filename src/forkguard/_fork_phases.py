@@ -9,8 +9,8 @@ and a registry installs a phase when the first registration that needs it arrive
 registration                           phases
 =====================================  ==========================================
 C object, policy "reset"               none (the C core restores it)
-C object, policy "hold"; the C API     C_HOLDS: an after_in_parent hook of one C
-                                       call, which reports hold timeouts
+C object, policy "hold"; the C API     C_HOLDS: an after_in_parent hook in C,
+                                       which reports hold timeouts
 Python object, policy "reset"          after_in_child
 Python object, policy "hold"           all three
 ``at_fork()`` hooks                    the hooks' phases; ``before`` means all three
@@ -22,10 +22,11 @@ registered any more it does only a few attribute reads.
 
 C_HOLDS is apart from the parent phase because every extension that uses the C API
 installs it (C code may register a hold at any time): the full parent phase touched
-enough objects to cost each fork about 30 page faults in the parent, this one the
-objects of one call.  When both are installed, whichever runs first with no Python
-hold of this fork left to release takes the C core's count (so it is reported once,
-and never while a Python hold a warning handler might wait on is still held).
+enough objects to cost each fork about 30 page faults in the parent; this one is a C
+function object that reads the C core's count and runs no Python while it is 0.
+When both are installed, whichever runs first with no Python hold of this fork left
+to release takes the C core's count (so it is reported once, and never while a
+Python hold a warning handler might wait on is still held).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from forkguard._registry import Registry
 
 BEFORE, PARENT, CHILD, C_HOLDS = 1, 2, 4, 8
@@ -61,6 +60,11 @@ class Phases:
         registry = self._registry
         if not missing or not registry.backend.can_fork or not hasattr(os, "register_at_fork"):
             return
+        # A C function object (csrc/forkguard_holds.c): Python only when a C hold
+        # of this thread's fork timed out.  Made first: if that fails, nothing is in.
+        c_holds = (
+            registry.backend.c_holds_hook(registry.report_c_timeouts) if missing & C_HOLDS else None
+        )
         # The child and parent phases go in first: a fork that starts while this
         # runs must not find a before-hook whose state nobody pops.
         if missing & CHILD:
@@ -68,7 +72,7 @@ class Phases:
         if missing & PARENT:
             os.register_at_fork(after_in_parent=registry.after_fork_in_parent)
         if missing & C_HOLDS:
-            os.register_at_fork(after_in_parent=_c_holds_hook(registry))
+            os.register_at_fork(after_in_parent=c_holds)
         if missing & BEFORE:
             os.register_at_fork(before=registry.before_fork)
         self._installed |= missing
@@ -76,15 +80,3 @@ class Phases:
     @property
     def installed(self) -> int:
         return self._installed
-
-
-def _c_holds_hook(registry: Registry) -> Callable[[], None]:
-    """The C_HOLDS phase: one C call per fork while no C hold timed out."""
-    pending = registry.backend.fork_timeouts_function()
-    report = registry.report_c_timeouts
-
-    def after_fork_c_holds() -> None:
-        if pending():
-            report()
-
-    return after_fork_c_holds

@@ -751,7 +751,7 @@ class Registry:
             return
         count = self.backend.take_fork_timeouts()
         if count:
-            self._warn_c_timeouts(count, stacklevel=5)
+            self._warn_c_timeouts(count, stacklevel=4)
 
     def _warn_c_timeouts(self, count: int, stacklevel: int) -> None:
         named = 0
