@@ -201,6 +201,36 @@ print((resident() - before) / n)
 """
 
 
+# The anonymous memory forkguard.watch() adds to the 10-thread process: the modules it
+# loads to diagnose (the audit, the files' layout check, ctypes, the C core) and what
+# it learns of the process's locks.
+WATCH_MEMORY_PROBE = r"""
+import gc, logging, multiprocessing, os, queue, sys, threading
+sys.path.insert(0, sys.argv[2])
+exec(sys.argv[1])
+def anonymous():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+gc.collect()
+before = anonymous()
+handle = forkguard.watch()
+gc.collect()
+print(anonymous() - before)
+"""
+
+
+def measure_watch_bytes() -> float:
+    """Anonymous resident bytes forkguard.watch() adds to the "threads-10" variant."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", WATCH_MEMORY_PROBE, VARIANTS["threads-10"], here],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout)
+
+
 def measure_registration_bytes(kind: str) -> float:
     """Resident bytes per registration of a `kind` ("py-lock" or "c-mutex") at MANY
     registrations, Python's heap and the C core's together: what a fork copies page
@@ -221,6 +251,13 @@ def memory_control(c_mutex_bytes: float) -> str:
     measured bytes): the floor a registration of that size cannot go below."""
     size = max(int(c_mutex_bytes) - 40, 1)  # less a bytes object's header
     return VARIANTS["c-mutexes"] + f"\nballast = [bytes({size}) for _ in range({MUTEXES})]"
+
+
+def watch_memory_control(watch_bytes: float) -> str:
+    """The "threads-10" process holding as much more memory as watch() adds, in
+    objects of 1 KiB (as `bytes`): the floor under watch() that is its memory."""
+    count = max(int(watch_bytes) // 1024, 0)
+    return VARIANTS["threads-10"] + f"\nballast = [bytes(1024 - 40) for _ in range({count})]"
 
 
 def measure_forks(
@@ -298,7 +335,18 @@ def main() -> None:
         metadata = {"name": f"memory/{kind}-registration", "unit": "byte"}
         run = pyperf.Run([nbytes], metadata=metadata, collect_metadata=False)
         benches.append(pyperf.Benchmark([run]))
-    variants = dict(VARIANTS, **{"memory-c-mutexes": memory_control(memory["c-mutex"])})
+    watch_bytes = measure_watch_bytes()
+    metadata = {"name": "memory/watch", "unit": "byte"}
+    benches.append(
+        pyperf.Benchmark([pyperf.Run([watch_bytes], metadata=metadata, collect_metadata=False)])
+    )
+    variants = dict(
+        VARIANTS,
+        **{
+            "memory-c-mutexes": memory_control(memory["c-mutex"]),
+            "memory-threads-10": watch_memory_control(watch_bytes),
+        },
+    )
     forks = measure_forks(variants, args.rounds, args.batch, args.processes)
     benches += [pyperf.Benchmark(runs) for runs in forks.values()]
     imports = measure_import(args.import_samples)

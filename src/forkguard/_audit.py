@@ -34,11 +34,11 @@ import sys
 import threading
 import traceback
 
-from forkguard import _fork_unsafe
-
 TYPE_CHECKING = False  # typing is not imported at run time (docs/design.md, "Import")
 if TYPE_CHECKING:
     from typing import Any
+
+    from forkguard import _fork_unsafe
 
 
 _STACK_FRAMES = 12  # of a holder's stack: its innermost frames
@@ -651,6 +651,10 @@ def _libraries(notes: list[str], paths: list[str] | None = None) -> list[Library
         paths = loaded_libraries()
         if not paths:
             notes.append("the loaded native libraries could not be listed on this platform")
+    # (Loaded here, not with the module: watch() uses the rest, and every fork copies
+    # page tables for what a process holds.)
+    from forkguard import _fork_unsafe
+
     found: list[LibraryFinding] = []
     for library in _fork_unsafe.LIBRARIES:
         for path in paths:
