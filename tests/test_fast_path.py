@@ -189,7 +189,7 @@ def test_the_c_handlers_wait_for_the_first_c_registration() -> None:
     assert run.stdout.split() == ["[0,", "0,", "1,", "1,", "1]"]
 
 
-# What a process holds, every fork copies page tables for (about 55 ns per KB here,
+# What a process holds, every fork copies page tables for (about 50 ns per KB here,
 # benchmarks/results/results.md), so the features a long-running process switches on
 # load no module their work does not need: `typing` alone is about 440 KB of heap.
 @pytest.mark.parametrize(
