@@ -37,21 +37,13 @@ static int plain_call(PyObject *fn, PyObject *obj, PyObject **result)
     return -1;
 }
 
-/* The object a weak reference points to, as a new reference (Py_None if it is
- * gone), or NULL with the error cleared.  Read, not called: calling it from C costs
- * a call per lock, about a sixth of the loop's time here.  The limited API
- * that cffi compiles against has only PyWeakref_GetObject (a borrowed reference),
- * which CPython 3.13 deprecated for PyWeakref_GetRef, a call that API gains only
- * from 3.13 on. */
-static PyObject *weak_target(PyObject *ref)
+/* The object a weak reference points to, borrowed (Py_None if it is gone), or
+ * NULL with the error cleared.  No reference is taken, so nothing is written: what
+ * watch()'s look before each fork needs (forkguard_watch.c).  The limited API that
+ * cffi compiles against has only this call, which CPython 3.13 deprecated for
+ * PyWeakref_GetRef, a call that API gains only from 3.13 on. */
+static PyObject *weak_borrowed(PyObject *ref)
 {
-#if !defined(Py_LIMITED_API) && PY_VERSION_HEX >= 0x030D0000
-    PyObject *obj;
-    int alive = PyWeakref_GetRef(ref, &obj);
-    if (alive < 0)
-        PyErr_Clear();
-    return alive < 0 ? NULL : alive ? obj : Py_NewRef(Py_None);
-#else
 #if defined(__GNUC__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
@@ -62,8 +54,22 @@ static PyObject *weak_target(PyObject *ref)
 #endif
     if (obj == NULL)
         PyErr_Clear();
-    else
-        Py_INCREF(obj);
+    return obj;
+}
+
+/* The same as a new reference.  Read, not called: calling the weak reference from C
+ * costs a call per lock, about a sixth of the loop's time here. */
+static PyObject *weak_target(PyObject *ref)
+{
+#if !defined(Py_LIMITED_API) && PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj;
+    int alive = PyWeakref_GetRef(ref, &obj);
+    if (alive < 0)
+        PyErr_Clear();
+    return alive < 0 ? NULL : alive ? obj : Py_NewRef(Py_None);
+#else
+    PyObject *obj = weak_borrowed(ref);
+    Py_XINCREF(obj);
     return obj;
 #endif
 }

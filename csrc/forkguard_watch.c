@@ -1,21 +1,22 @@
 /*
  * forkguard.watch()'s look before each fork, in C.
  *
- * Included by the cffi module's source (csrc/ffibuild.py), after Python.h, like
- * forkguard_plain.c.  A Python before-hook writes every object it touches (their
- * reference counts, the code object's counters), and each first write after the
- * last fork is a copy-on-write page fault in the parent: about a dozen per fork
- * for the look in Python, a few percent of a fork.  This hook is a C function
- * object: in the common case (nothing taken, no thread count due) it reads the
- * known files' owner fields and tries the known locks, and returns.  Otherwise it
- * calls the Python look (_watch._look), which does all the Python hook does.
+ * Included by the cffi module's source (csrc/ffibuild.py), after Python.h and
+ * forkguard_plain.c (for weak_borrowed()).  A Python before-hook writes every
+ * object it touches (reference counts, the code object's counters), and each first
+ * write after the last fork is a copy-on-write page fault in the parent: about a
+ * dozen per fork for the look in Python, two for this one, as for an empty hook
+ * (benchmarks/results).  This hook is a C function object: in the common case
+ * (nothing taken, no thread count due) it reads the known files' owner fields,
+ * tries the known locks, and returns.  Otherwise it calls the Python look
+ * (_watch._look), which does all the Python hook does.
  *
  * The hook is called by os.fork() as a Python callable, with the GIL held, and
- * calls nothing that lets it go: no file can be freed while its field is read,
- * and the state Python changes (a list, item by item) is read whole.  The hook
- * reads that state instead of being told of changes through cffi calls, which
- * give the GIL up and, with busy threads about, wait a switch interval for it
- * each.  Free-threaded builds keep the Python hook.
+ * calls nothing that gives it up: no file can be freed while its field is read,
+ * and the state Python replaces (a list, all items at once) cannot change under
+ * it.  The hook reads that state rather than being told of changes through cffi
+ * calls, which give the GIL up and, with busy threads about, wait a switch
+ * interval to get it back.  Free-threaded builds keep the Python hook.
  */
 
 #ifdef Py_GIL_DISABLED
@@ -44,23 +45,6 @@ static struct {
     int tick;          /* forks until the next count */
 } watch;
 
-/* The target of a weak reference, borrowed (NULL with the error cleared): the one
- * way to read it without writing it (see forkguard_plain.c's weak_target). */
-static PyObject *watch_target(PyObject *ref)
-{
-#if defined(__GNUC__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-#endif
-    PyObject *obj = PyWeakref_GetObject(ref);
-#if defined(__GNUC__)
-#pragma GCC diagnostic pop
-#endif
-    if (obj == NULL)
-        PyErr_Clear();
-    return obj;
-}
-
 /* 1 if a file of `files` (a tuple of weak references) has its owner field set,
  * or the tuple cannot be read; 0 if none has.  Nothing is written: the weak
  * references' targets are borrowed, and no Python code runs. */
@@ -72,7 +56,7 @@ static int watch_files_taken(PyObject *files)
         return 1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *file = watch_target(PyTuple_GetItem(files, i));
+        PyObject *file = weak_borrowed(PyTuple_GetItem(files, i));
         if (file == NULL)
             return 1;
         /* The field a buffered file sets while a thread holds its lock: its offset
@@ -95,7 +79,7 @@ static int watch_locks_taken(PyObject *locks)
         return 1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *lock = watch_target(PyTuple_GetItem(locks, i));
+        PyObject *lock = weak_borrowed(PyTuple_GetItem(locks, i));
         if (lock == NULL)
             return 1;
         if (lock == Py_None)

@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 
+from forking import STALLED_FILE
+
 SCRIPT = textwrap.dedent(
     """
     import ctypes, json, os, sys, threading, queue
@@ -224,22 +226,8 @@ if pid == 0:
 os.waitpid(pid, 0)
 """
 
-# A thread stopped inside a write to a buffered file, holding the file's lock.
-FILE_HELD = """
-import atexit, io
-inside, go_on = threading.Event(), threading.Event()
-
-class Stalled(io.RawIOBase):
-    def writable(self):
-        return True
-
-    def write(self, b):
-        inside.set()
-        go_on.wait(30)
-        return len(b)
-
-f = io.BufferedWriter(Stalled())
-"""
+# A buffered file a thread will be stopped inside a write to, holding its lock.
+FILE_HELD = "import atexit\n" + STALLED_FILE
 
 HOLD_IT = """
 writer = threading.Thread(target=lambda: (f.write(b"x"), f.flush()), daemon=True)

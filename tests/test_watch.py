@@ -13,6 +13,8 @@ import pytest
 
 import forkguard
 
+from forking import STALLED_FILE
+
 DEADLINE = 30
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 
@@ -198,21 +200,13 @@ def test_the_look_before_a_fork_sees_a_file_held_by_another_thread(
         handle.stop()
 
 
-FILE_PROGRAM = """
+FILE_PROGRAM = (
+    """
 import io, os, signal, threading
 import forkguard
-inside, go_on = threading.Event(), threading.Event()
-
-class Stalled(io.RawIOBase):  # a slow consumer: write() takes its time
-    def writable(self):
-        return True
-
-    def write(self, b):
-        inside.set()
-        go_on.wait(30)
-        return len(b)
-
-f = io.BufferedWriter(Stalled())
+"""
+    + STALLED_FILE
+    + """
 {setup}
 threading.Thread(target=lambda: (f.write(b"x"), f.flush()), name="writer", daemon=True).start()
 inside.wait(10)
@@ -225,6 +219,7 @@ if pid == 0:
 _, status = os.waitpid(pid, 0)
 print("status", os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status))
 """
+)
 
 
 def test_without_the_gil_a_fork_s_record_reads_no_other_thread_s_locals(
