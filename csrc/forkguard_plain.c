@@ -38,10 +38,11 @@ static int plain_call(PyObject *fn, PyObject *obj, PyObject **result)
 }
 
 /* The object a weak reference points to, borrowed (Py_None if it is gone), or
- * NULL with the error cleared.  No reference is taken, so nothing is written: what
- * watch()'s look before each fork needs (forkguard_watch.c).  The limited API that
- * cffi compiles against has only this call, which CPython 3.13 deprecated for
- * PyWeakref_GetRef, a call that API gains only from 3.13 on. */
+ * NULL with the error cleared.  No reference is kept, so up to CPython 3.12 nothing
+ * is written (3.13's call takes one and gives it back: a write of the object's
+ * count), as watch()'s look before each fork wants (forkguard_watch.c).  The limited
+ * API that cffi compiles against has only this call, which CPython 3.13 deprecated
+ * for PyWeakref_GetRef, a call that API gains only from 3.13 on. */
 static PyObject *weak_borrowed(PyObject *ref)
 {
 #if defined(__GNUC__)

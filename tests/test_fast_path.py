@@ -323,6 +323,23 @@ def test_watch_calls_the_python_look_for_a_lock_taken_or_not_tried_in_c(
     assert calls["parent"][:1] == ["_look"], calls
 
 
+def test_watch_s_c_hook_looks_in_python_while_its_state_is_of_another_watch() -> None:
+    """The C hook's state is rebuilt by whichever thread gets _watch's index lock: a
+    watch() that finds it taken (another thread is rebuilding) is not in it yet, and
+    the hook must not go by it (a watch off, no on_fork): it calls the Python look,
+    which rebuilds it once it can."""
+    calls = calls_at_fork(
+        """
+        import forkguard
+        from forkguard import _watch
+        forkguard.watch().stop()  # the C hook installed, and off
+        assert _watch._index_lock().acquire(False)  # another thread's rebuild, under way
+        w = _watch.watch(on_fork=lambda: None)
+        """
+    )
+    assert calls["parent"][:2] == ["_look", "_index"], calls
+
+
 def test_watch_counts_threads_in_python_every_32nd_fork() -> None:
     more = "for _ in range(31):\n    os.waitpid(os.fork() or os._exit(0), 0)\n"
     calls = calls_at_fork(WATCHING + more)

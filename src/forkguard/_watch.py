@@ -297,7 +297,7 @@ def _rebuild() -> None:
     python = _dog is not None or len(files) < len(_file_words)
     if w is not None:
         python = python or w._on_fork is not None or w._every_child or w._native
-    _c_state[:] = [w is not None or _dog is not None, bool(python), files, tuple(_lock_refs)]
+    _c_state[:] = [w is not None or _dog is not None, bool(python), files, tuple(_lock_refs), w]
 
 
 def _index_lock() -> Any:
@@ -312,9 +312,10 @@ _file_words: list[Any] = []
 _lock_refs: list[Any] = []
 # What the C hook (csrc/forkguard_watch.c) reads at each fork, once it is installed:
 # [a watch is on (or a watchdog to pause), the Python look must run, the files whose
-# owner fields it reads, the locks it tries (weak references)].  Set by _rebuild().
+# owner fields it reads, the locks it tries (weak references), the watch it was made
+# for].  Set by _rebuild(); while _current is another watch, the hook calls _look.
 _c_hook = False
-_c_state: list[Any] = [False, False, (), ()]
+_c_state: list[Any] = [False, False, (), (), None]
 _stale = False
 _indexing = (os.getpid(), _thread.allocate_lock())
 
@@ -592,6 +593,8 @@ def _look(count: bool) -> None:
     """What is taken before a fork, and by whom; `count`: count the process's
     threads too.  Called by the C hook only when something may be taken or a
     thread count is due, or when it must run at every fork (_rebuild)."""
+    if _c_hook and _c_state[4] is not _current:
+        _index()  # (a watch() or stop() whose rebuild another thread had under way)
     if _dog is not None:
         _dog.pause()
     w = _current
