@@ -591,8 +591,9 @@ def _before() -> None:
 
 def _look(count: bool) -> None:
     """What is taken before a fork, and by whom; `count`: count the process's
-    threads too.  Called by the C hook only when something may be taken or a
-    thread count is due, or when it must run at every fork (_rebuild)."""
+    threads too.  Called by the C hook only when something may be taken, a thread
+    count is due, it must run at every fork (_rebuild), or its state was built for
+    another watch than the one on now."""
     if _c_hook and _c_state[4] is not _current:
         _index()  # (a watch() or stop() whose rebuild another thread had under way)
     if _dog is not None:
