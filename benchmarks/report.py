@@ -280,7 +280,7 @@ def _fastpath_targets(r: Results, add: Callable[..., None]) -> None:
         lambda: (
             "watch()'s look before each fork is a C function (csrc/forkguard_watch.c): it "
             "reads the known files' owner fields (here sys.stdin/stdout/stderr's buffers) "
-            "and tries the known locks, and calls Python only when one is taken and every "
+            "and tries the known locks, and calls Python only when one is taken, and every "
             "32nd fork (to count threads); the child runs no Python of watch()'s until a "
             "fork finds a lock taken. Faults per fork against the same process without "
             "watch(): "

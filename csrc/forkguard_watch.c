@@ -4,9 +4,9 @@
  * Included by the cffi module's source (csrc/ffibuild.py), after Python.h and
  * forkguard_plain.c (for weak_borrowed()).  A Python before-hook writes every
  * object it touches (reference counts, the code object's counters), and each first
- * write after the last fork is a copy-on-write page fault in the parent: about a
- * dozen per fork for the look in Python, two for this one, as for an empty hook
- * (benchmarks/results, CPython 3.11).  This hook is a C function object: in the
+ * write after the last fork is a copy-on-write page fault in the parent: 10.9 per
+ * fork for the look in Python, 2.1 for this one, in the 10-thread process of the
+ * benchmarks (two committed runs, CPython 3.11).  This hook is a C function object: in the
  * common case (nothing taken, no thread count due) it reads the known files' owner
  * fields, tries the known locks, and returns (writing the locks' reference counts,
  * and on 3.13 the files', see weak_borrowed()).  Otherwise it calls the Python look
